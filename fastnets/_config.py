@@ -1,0 +1,49 @@
+"""Every FASTNETS_* environment variable is read here and nowhere else.
+
+FASTNETS_BACKEND    force one backend for every op: torch | triton | cuda | interpret
+FASTNETS_POISON     1: fill every output buffer a launcher allocates with NaN before the
+                    kernel runs (the test-suite sets this; an unwritten element then shows)
+FASTNETS_BUILD_EXT  0: never build/JIT-build the CUDA extension (read by setup.py too)
+FASTNETS_CACHE_DIR  where the JIT-built extension is cached (default ~/.cache/fastnets)
+"""
+from __future__ import annotations
+
+import os
+
+BACKENDS = ("triton", "cuda", "interpret", "torch")
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def forced_backend() -> str | None:
+    name = os.environ.get("FASTNETS_BACKEND", "").strip().lower()
+    if not name:
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"FASTNETS_BACKEND={name!r} is not one of {', '.join(BACKENDS)}")
+    return name
+
+
+def interpret_requested() -> bool:
+    """True when Triton kernels are (or will be) built by Triton's CPU interpreter."""
+    return _truthy(os.environ.get("TRITON_INTERPRET"))
+
+
+def poison_outputs() -> bool:
+    return _truthy(os.environ.get("FASTNETS_POISON"))
+
+
+def build_extension_allowed() -> bool:
+    return os.environ.get("FASTNETS_BUILD_EXT", "1") != "0"
+
+
+def cache_dir() -> str:
+    return os.environ.get("FASTNETS_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fastnets")
+
+
+# FASTNETS_BACKEND=interpret must take effect before triton decorates any kernel, and
+# `import fastnets` never imports triton itself, so setting the variable here suffices.
+if os.environ.get("FASTNETS_BACKEND", "").strip().lower() == "interpret":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
