@@ -31,8 +31,8 @@ def _extension_or_reason():
         name="fastnets._C",
         sources=sources,
         include_dirs=[os.path.join(here, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+        extra_compile_args={"cxx": ["-O3"],
+                            "nvcc": ["-O3", "-lineinfo"]},
     )
     return (ext, BuildExtension.with_options(use_ninja=True)), None
 

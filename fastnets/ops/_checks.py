@@ -1,0 +1,59 @@
+"""Input validation shared by every op: errors name the argument and say what was expected."""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(op: str, name: str, t, *, min_dim: int = 0) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if t.dim() < min_dim:
+        raise ValueError(f"{op}: {name} must have at least {min_dim} dims, got shape {tuple(t.shape)}")
+    return t
+
+
+def optional_param(op: str, name: str, t, *, like: torch.Tensor, shape: tuple) -> torch.Tensor | None:
+    """weight / bias: None, or a float tensor of `shape` on `like`'s device."""
+    if t is None:
+        return None
+    tensor(op, name, t)
+    if t.device != like.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but input is on {like.device}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    return t
+
+
+def number(op: str, name: str, v, *, min_value: float | None = None) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number, got {type(v).__name__}")
+    if min_value is not None and v < min_value:
+        raise ValueError(f"{op}: {name} must be >= {min_value}, got {v}")
+    return float(v)
+
+
+def normalized_shape(op: str, shape, input: torch.Tensor) -> tuple[int, ...]:
+    if isinstance(shape, int):
+        shape = (shape,)
+    elif isinstance(shape, torch.Size) or isinstance(shape, (list, tuple)):
+        shape = tuple(shape)
+    else:
+        raise TypeError(f"{op}: normalized_shape must be an int or a sequence of ints, got {type(shape).__name__}")
+    if not shape or not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise ValueError(f"{op}: normalized_shape must be a non-empty sequence of non-negative ints, got {shape}")
+    if input.dim() < len(shape) or tuple(input.shape[-len(shape):]) != shape:
+        raise ValueError(f"{op}: normalized_shape {shape} does not match the trailing dims of input "
+                         f"(shape {tuple(input.shape)})")
+    return shape
+
+
+def rows(t: torch.Tensor, cols: int) -> torch.Tensor:
+    """View as (rows, cols) with unit column stride, copying only when the layout needs it."""
+    t = t.reshape(-1, cols)
+    return t if t.stride(-1) == 1 or cols <= 1 else t.contiguous()

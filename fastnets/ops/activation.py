@@ -1,0 +1,115 @@
+"""bias_act: fused ``act(x + bias)`` and gated ``act(gate + b_g) * (up + b_u)`` in one pass."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch, reference
+from . import _checks
+from ._registry import kernels
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
+GATED = ("swiglu", "geglu", "geglu_tanh")
+
+_dispatch.register_op("bias_act", "fused bias + activation (relu, leaky_relu, gelu, gelu_tanh, silu, tanh, "
+                                  "sigmoid) and gated swiglu / geglu", has_cuda=True)
+
+
+class _CudaBiasAct:
+    """fastnets._C's bias_act behind the Triton launchers' interface: makes x's device
+    current and hands the kernels torch's current stream."""
+
+    def __init__(self, ext):
+        self.ext = ext
+
+    def bias_act_fwd(self, x, bias, activation, slope):
+        with torch.cuda.device(x.device):
+            return self.ext.bias_act_fwd(x, bias, activation, slope, torch.cuda.current_stream().cuda_stream)
+
+    def bias_act_bwd(self, dy, x, bias, activation, slope):
+        with torch.cuda.device(x.device):
+            return self.ext.bias_act_bwd(dy, x, bias, activation, slope, torch.cuda.current_stream().cuda_stream)
+
+
+def _impl(name: str, x: Tensor, bias: Optional[Tensor]):
+    """(launchers, bias) for an implementation: Triton (also interpreted) or fastnets._C.
+    The C++ kernels take the bias in the input's dtype; Triton loads any float dtype."""
+    if name == "cuda":
+        from .. import _ext
+        return _CudaBiasAct(_ext.load()), (bias.to(x.dtype).contiguous() if bias is not None else None)
+    return kernels("activation"), bias
+
+
+@torch.library.custom_op("fastnets::bias_act_fwd", mutates_args=())
+def _bias_act_fwd(x: Tensor, bias: Optional[Tensor], activation: str, slope: float, impl: str) -> Tensor:
+    module, bias = _impl(impl, x, bias)
+    return module.bias_act_fwd(x, bias, activation, slope)
+
+
+@_bias_act_fwd.register_fake
+def _(x, bias, activation, slope, impl):
+    cols = x.shape[1] // 2 if activation in GATED else x.shape[1]
+    return x.new_empty((x.shape[0], cols))
+
+
+@torch.library.custom_op("fastnets::bias_act_bwd", mutates_args=())
+def _bias_act_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], activation: str, slope: float,
+                  impl: str) -> Tensor:
+    module, bias = _impl(impl, x, bias)
+    return module.bias_act_bwd(dy.contiguous(), x, bias, activation, slope)
+
+
+@_bias_act_bwd.register_fake
+def _(dy, x, bias, activation, slope, impl):
+    return torch.empty_like(x)
+
+
+def _setup(ctx, inputs, output):
+    x, bias, activation, slope, impl = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.activation, ctx.slope, ctx.impl = activation, slope, impl
+
+
+def _backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    # dz is the gradient of the pre-activation x + bias: it is dx, and dbias is its column
+    # sum, accumulated in float32 whatever the dtype.
+    dz = torch.ops.fastnets.bias_act_bwd(dy, x, bias, ctx.activation, ctx.slope, ctx.impl)
+    dbias = None
+    if bias is not None and ctx.needs_input_grad[1]:
+        dbias = dz.sum(0, dtype=torch.float64 if dz.dtype == torch.float64 else torch.float32).to(bias.dtype)
+    return dz, dbias, None, None, None
+
+
+_bias_act_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def bias_act(input: Tensor, bias: Optional[Tensor] = None, activation: str = "relu", *,
+             negative_slope: float = 0.01) -> Tensor:
+    """``act(input + bias)`` in one read and one write, bias broadcast over the last dim.
+
+    input: (*, C), float16 / bfloat16 / float32 / float64; bias: (C,) or None.
+    activation: "identity", "relu", "leaky_relu" (uses ``negative_slope``), "gelu" (erf),
+    "gelu_tanh", "silu", "tanh", "sigmoid"; or gated "swiglu", "geglu", "geglu_tanh", which
+    split the last dim in halves [gate | up] and return ``act(gate) * up`` of shape (*, C/2).
+    Backward: input and bias; the activation is recomputed from the input (nothing extra is
+    saved). Backends: triton (CUDA), cuda (fastnets._C, forced), interpret (CPU), torch.
+    """
+    _checks.tensor("bias_act", "input", input, min_dim=1)
+    if activation not in ACTIVATIONS and activation not in GATED:
+        raise ValueError(f"bias_act: activation must be one of {', '.join(ACTIVATIONS + GATED)}, got {activation!r}")
+    C = input.shape[-1]
+    if activation in GATED and C % 2:
+        raise ValueError(f"bias_act: gated activation {activation!r} needs an even last dim of input, got {C}")
+    bias = _checks.optional_param("bias_act", "bias", bias, like=input, shape=(C,))
+    slope = _checks.number("bias_act", "negative_slope", negative_slope)
+    backend = _dispatch.choose("bias_act", input.device)
+    if backend == "torch" or input.numel() == 0:
+        return reference.bias_act(input, bias, activation, negative_slope=slope)
+    x2d = input.reshape(-1, C).contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    impl = "cuda" if backend == "cuda" else "triton"
+    y = torch.ops.fastnets.bias_act_fwd(x2d, bias, activation, slope, impl)
+    return y.view(*input.shape[:-1], y.shape[-1])

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_ACTIVATIONS = {
+    "identity": lambda z, s: z,
+    "relu": lambda z, s: F.relu(z),
+    "leaky_relu": lambda z, s: F.leaky_relu(z, s),
+    "gelu": lambda z, s: F.gelu(z),
+    "gelu_tanh": lambda z, s: F.gelu(z, approximate="tanh"),
+    "silu": lambda z, s: F.silu(z),
+    "tanh": lambda z, s: torch.tanh(z),
+    "sigmoid": lambda z, s: torch.sigmoid(z),
+}
+_GATED = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
+
+
+def bias_act(input, bias=None, activation="relu", *, negative_slope=0.01):
+    z = input.double() if input.dtype == torch.float64 else input.float()
+    if bias is not None:
+        z = z + bias.to(z.dtype)
+    if activation in _GATED:
+        gate, up = z.chunk(2, dim=-1)
+        y = _ACTIVATIONS[_GATED[activation]](gate, negative_slope) * up
+    else:
+        y = _ACTIVATIONS[activation](z, negative_slope)
+    return y.to(input.dtype)

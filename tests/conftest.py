@@ -1,0 +1,30 @@
+"""Test session setup. Runs before fastnets (and so triton) is imported by any test.
+
+Without a GPU, the Triton kernels run under Triton's interpreter on CPU tensors: that is
+how every kernel is tested in CI. Kernel outputs are NaN-poisoned before each run.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ["FASTNETS_POISON"] = "1"
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (benchmarks/gpu.sh runs these on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
