@@ -21,8 +21,9 @@ template <> struct Acc<double> { using type = double; };
 template <typename A>
 __device__ __forceinline__ A act_fwd(A z, int act, A slope) {
   switch (act) {
-    case kRelu: return z > A(0) ? z : A(0);
-    case kLeakyRelu: return z > A(0) ? z : z * slope;
+    // Comparisons are written so a NaN falls through to the branch that propagates it.
+    case kRelu: return z < A(0) ? A(0) : z;
+    case kLeakyRelu: return z < A(0) ? z * slope : z;
     case kGelu: return A(0.5) * z * (A(1) + erf(z * A(0.7071067811865476)));
     case kGeluTanh: return A(0.5) * z * (A(1) + tanh(A(0.7978845608028654) * (z + A(0.044715) * z * z * z)));
     case kSilu: return z / (A(1) + exp(-z));
@@ -35,8 +36,8 @@ __device__ __forceinline__ A act_fwd(A z, int act, A slope) {
 template <typename A>
 __device__ __forceinline__ A act_grad(A z, int act, A slope) {
   switch (act) {
-    case kRelu: return z > A(0) ? A(1) : A(0);
-    case kLeakyRelu: return z > A(0) ? A(1) : slope;
+    case kRelu: return z <= A(0) ? A(0) : A(1);
+    case kLeakyRelu: return z <= A(0) ? slope : A(1);
     case kGelu:
       return A(0.5) * (A(1) + erf(z * A(0.7071067811865476))) + z * exp(A(-0.5) * z * z) * A(0.3989422804014327);
     case kGeluTanh: {

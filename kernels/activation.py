@@ -1,7 +1,7 @@
 """Fused bias + activation, and gated activations (SwiGLU / GeGLU).
 
 Memory-bound: the forward reads x (and the bias, which stays in L1/L2) and writes y once;
-the backward reads x and dy and writes dx once. The activation is recomputed from x in
+the backward reads x and dy and writes dx once, reducing dbias in the same pass. The activation is recomputed from x in
 the backward instead of saving it, which costs no extra traffic. Math runs in float32
 (float64 for float64 inputs); libdevice is avoided so the same code runs under Triton's
 CPU interpreter.
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, empty
+from ._common import acc_dtype, acc_torch_dtype, empty, next_pow2, persistent_programs
 
 # Activation ids: constexpr in the kernels, so each launch compiles only its branch.
 ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2, "gelu": 3, "gelu_tanh": 4,
@@ -43,10 +43,11 @@ def _tanh(z):
 @triton.jit
 def act_fwd(z, ACT: tl.constexpr, slope):
     """y = act(z) for the activation id ACT (z already in the accumulator dtype)."""
+    # Comparisons are written so a NaN falls through to the branch that propagates it.
     if ACT == 1:
-        y = tl.where(z > 0, z, 0.0)
+        y = tl.where(z < 0, 0.0, z)
     elif ACT == 2:
-        y = tl.where(z > 0, z, z * slope)
+        y = tl.where(z < 0, z * slope, z)
     elif ACT == 3:
         y = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
     elif ACT == 4:
@@ -67,9 +68,9 @@ def act_fwd(z, ACT: tl.constexpr, slope):
 def act_grad(z, ACT: tl.constexpr, slope):
     """d act(z) / dz, matching torch's convention at the kinks (relu'(0) = 0)."""
     if ACT == 1:
-        g = tl.where(z > 0, 1.0, 0.0)
+        g = tl.where(z <= 0, 0.0, 1.0)
     elif ACT == 2:
-        g = tl.where(z > 0, 1.0, slope)
+        g = tl.where(z <= 0, slope, 1.0)
     elif ACT == 3:
         g = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
     elif ACT == 4:
@@ -106,21 +107,6 @@ def _bias_act_fwd_kernel(
 
 
 @triton.jit
-def _bias_act_bwd_kernel(
-    X, Bias, DY, DX,     # all (M, C) contiguous except Bias (C,)
-    numel, C, slope,
-    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    z = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
-    if HAS_BIAS:
-        z += tl.load(Bias + offs % C, mask=mask, other=0.0).to(ACC)
-    dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
-    tl.store(DX + offs, (dy * act_grad(z, ACT, slope)).to(DX.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _gated_act_fwd_kernel(
     X, Bias, Y,          # X: (M, 2H) rows [gate | up]; Bias: (2H,); Y: (M, H)
     numel, H, slope,     # numel = M * H (output elements)
@@ -140,26 +126,56 @@ def _gated_act_fwd_kernel(
 
 
 @triton.jit
-def _gated_act_bwd_kernel(
-    X, Bias, DY, DX,     # X, DX: (M, 2H); DY: (M, H); Bias: (2H,)
-    numel, H, slope,
-    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+def _act_bwd_kernel(
+    X, Bias, DY, DX,     # X, DX: (M, C) or (M, 2C) rows [gate | up] when GATED; DY: (M, C); Bias: (C,) / (2C,)
+    DBias_part,          # (row groups, C or 2C) accumulator dtype: column sums of dz per row group
+    M, C, rows_per_program, slope,
+    ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    row = offs // H
-    col = offs - row * H
-    gate_offs = row * (2 * H) + col
-    a = tl.load(X + gate_offs, mask=mask, other=0.0).to(ACC)
-    u = tl.load(X + gate_offs + H, mask=mask, other=0.0).to(ACC)
+    # 2-D tiles so the bias gradient (a column sum of dz) is reduced in float32 registers in
+    # the same pass: no second read of dx, and no rounding of dz to bf16 before summing.
+    pid_c = tl.program_id(0)
+    group = tl.program_id(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    if GATED:
+        row_len = 2 * C
+    else:
+        row_len = C
     if HAS_BIAS:
-        a += tl.load(Bias + col, mask=mask, other=0.0).to(ACC)
-        u += tl.load(Bias + H + col, mask=mask, other=0.0).to(ACC)
-    dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
-    da = dy * u * act_grad(a, ACT, slope)
-    du = dy * act_fwd(a, ACT, slope)
-    tl.store(DX + gate_offs, da.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DX + gate_offs + H, du.to(DX.dtype.element_ty), mask=mask)
+        b = tl.load(Bias + cols, mask=cmask, other=0.0).to(ACC)
+        if GATED:
+            b_up = tl.load(Bias + C + cols, mask=cmask, other=0.0).to(ACC)
+    acc = tl.zeros((BLOCK_C,), dtype=ACC)
+    acc_up = tl.zeros((BLOCK_C,), dtype=ACC)
+    row_start = group.to(tl.int64) * rows_per_program   # int64: row * row_len may pass 2^31
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    for r0 in range(row_start, row_end, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        mask = (rows < row_end)[:, None] & cmask[None, :]
+        x_offs = rows[:, None] * row_len + cols[None, :]
+        dy = tl.load(DY + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(ACC)
+        a = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC)
+        if HAS_BIAS:
+            a += b[None, :]
+        if GATED:
+            u = tl.load(X + x_offs + C, mask=mask, other=0.0).to(ACC)
+            if HAS_BIAS:
+                u += b_up[None, :]
+            dz = dy * u * act_grad(a, ACT, slope)
+            dz_up = dy * act_fwd(a, ACT, slope)
+            tl.store(DX + x_offs + C, dz_up.to(DX.dtype.element_ty), mask=mask)
+            acc_up += tl.sum(tl.where(mask, dz_up, 0.0), axis=0)
+        else:
+            dz = dy * act_grad(a, ACT, slope)
+        tl.store(DX + x_offs, dz.to(DX.dtype.element_ty), mask=mask)
+        acc += tl.sum(tl.where(mask, dz, 0.0), axis=0)
+    if HAS_BIAS:
+        part = DBias_part + group.to(tl.int64) * row_len
+        tl.store(part + cols, acc, mask=cmask)
+        if GATED:
+            tl.store(part + C + cols, acc_up, mask=cmask)
 
 
 def _launch_config(numel: int, device: torch.device) -> tuple[int, int]:
@@ -168,6 +184,15 @@ def _launch_config(numel: int, device: torch.device) -> tuple[int, int]:
     if device.type != "cuda":
         return 4096, 4
     return (2048, 8) if numel >= (1 << 22) else (1024, 4)
+
+
+def _bwd_tile_config(C: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_C, num_warps) for the 2-D backward: 256 columns keep each row segment
+    a whole number of 128-byte lines; 16 rows give every thread 8+ elements in flight."""
+    block_c = min(256, next_pow2(C))
+    if device.type != "cuda":
+        return 64, block_c, 4
+    return 16, block_c, 4
 
 
 def _act_id(activation: str) -> int:
@@ -192,18 +217,26 @@ def bias_act_fwd(x: torch.Tensor, bias: torch.Tensor | None, activation: str, sl
 
 
 def bias_act_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, activation: str,
-                 slope: float) -> torch.Tensor:
-    """Gradient w.r.t. the pre-activation (x + bias), shaped like x. dbias is its column sum."""
-    M, C = x.shape
+                 slope: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Returns (dz, dbias): dz is the gradient of the pre-activation x + bias (shaped like x,
+    and so also dx); dbias its column sum in float32, cast to the bias dtype."""
+    M, C_in = x.shape
     gated = activation in GATED
-    out_cols = C // 2 if gated else C
-    dx = empty((M, C), dtype=x.dtype, device=x.device)
-    numel = M * out_cols
-    if numel == 0:
-        return dx
-    block, warps = _launch_config(numel, x.device)
-    kernel = _gated_act_bwd_kernel if gated else _bias_act_bwd_kernel
-    kernel[(triton.cdiv(numel, block),)](
-        x, bias if bias is not None else x, dy, dx, numel, out_cols, float(slope),
-        ACT=_act_id(activation), HAS_BIAS=bias is not None, ACC=acc_dtype(x.dtype), BLOCK=block, num_warps=warps)
-    return dx
+    C = C_in // 2 if gated else C_in
+    dx = empty((M, C_in), dtype=x.dtype, device=x.device)
+    if M == 0 or C == 0:
+        return dx, (torch.zeros_like(bias) if bias is not None else None)
+    block_m, block_c, warps = _bwd_tile_config(C, x.device)
+    col_tiles = triton.cdiv(C, block_c)
+    groups = max(1, min(persistent_programs(x.device, col_tiles * triton.cdiv(M, block_m), per_sm=4) // col_tiles,
+                        triton.cdiv(M, block_m)))
+    rows_per = triton.cdiv(triton.cdiv(M, groups), block_m) * block_m
+    groups = triton.cdiv(M, rows_per)
+    part = (torch.empty((groups, C_in), dtype=acc_torch_dtype(x.dtype), device=x.device)
+            if bias is not None else x)
+    _act_bwd_kernel[(col_tiles, groups)](
+        x, bias if bias is not None else x, dy, dx, part, M, C, rows_per, float(slope),
+        ACT=_act_id(activation), GATED=gated, HAS_BIAS=bias is not None, ACC=acc_dtype(x.dtype),
+        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+    dbias = part.sum(0).to(bias.dtype) if bias is not None else None
+    return dx, dbias

@@ -30,7 +30,9 @@ class _CudaBiasAct:
 
     def bias_act_bwd(self, dy, x, bias, activation, slope):
         with torch.cuda.device(x.device):
-            return self.ext.bias_act_bwd(dy, x, bias, activation, slope, torch.cuda.current_stream().cuda_stream)
+            dz = self.ext.bias_act_bwd(dy, x, bias, activation, slope, torch.cuda.current_stream().cuda_stream)
+        # The C++ kernel is flat 1-D, so dbias is a separate float32 column sum of dz.
+        return dz, (dz.sum(0, dtype=torch.float32).to(bias.dtype) if bias is not None else None)
 
 
 def _impl(name: str, x: Tensor, bias: Optional[Tensor]):
@@ -56,14 +58,15 @@ def _(x, bias, activation, slope, impl):
 
 @torch.library.custom_op("fastnets::bias_act_bwd", mutates_args=())
 def _bias_act_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], activation: str, slope: float,
-                  impl: str) -> Tensor:
-    module, bias = _impl(impl, x, bias)
-    return module.bias_act_bwd(dy.contiguous(), x, bias, activation, slope)
+                  impl: str) -> tuple[Tensor, Tensor]:
+    module, kernel_bias = _impl(impl, x, bias)
+    dz, dbias = module.bias_act_bwd(dy.contiguous(), x, kernel_bias, activation, slope)
+    return dz, (dbias.to(bias.dtype) if bias is not None else x.new_empty((0,)))
 
 
 @_bias_act_bwd.register_fake
 def _(dy, x, bias, activation, slope, impl):
-    return torch.empty_like(x)
+    return torch.empty_like(x), (torch.empty_like(bias) if bias is not None else x.new_empty((0,)))
 
 
 def _setup(ctx, inputs, output):
@@ -74,13 +77,10 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dy):
     x, bias = ctx.saved_tensors
-    # dz is the gradient of the pre-activation x + bias: it is dx, and dbias is its column
-    # sum, accumulated in float32 whatever the dtype.
-    dz = torch.ops.fastnets.bias_act_bwd(dy, x, bias, ctx.activation, ctx.slope, ctx.impl)
-    dbias = None
-    if bias is not None and ctx.needs_input_grad[1]:
-        dbias = dz.sum(0, dtype=torch.float64 if dz.dtype == torch.float64 else torch.float32).to(bias.dtype)
-    return dz, dbias, None, None, None
+    # dz is the gradient of the pre-activation x + bias, so it is dx; dbias is its column
+    # sum, reduced in float32 inside the backward kernel.
+    dz, dbias = torch.ops.fastnets.bias_act_bwd(dy, x, bias, ctx.activation, ctx.slope, ctx.impl)
+    return dz, (dbias if bias is not None else None), None, None, None
 
 
 _bias_act_fwd.register_autograd(_backward, setup_context=_setup)

@@ -1,0 +1,112 @@
+"""bias_act: every activation, gated variants, with and without bias, against the float64
+reference and torch eager; gradcheck; bad input; NaN/inf; the CUDA extension on GPUs."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastnets
+from fastnets import ops, reference
+from fastnets.ops.activation import ACTIVATIONS, GATED
+from helpers import DEVICE, assert_close, check_op, expect_backend, noncontiguous
+from tolerances import POINTWISE_DTYPES
+
+TORCH_ACT = {
+    "identity": lambda z: z, "relu": F.relu, "leaky_relu": lambda z: F.leaky_relu(z, 0.2), "gelu": F.gelu,
+    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+    "swiglu": lambda z: F.silu(z.chunk(2, -1)[0]) * z.chunk(2, -1)[1],
+    "geglu": lambda z: F.gelu(z.chunk(2, -1)[0]) * z.chunk(2, -1)[1],
+    "geglu_tanh": lambda z: F.gelu(z.chunk(2, -1)[0], approximate="tanh") * z.chunk(2, -1)[1],
+}
+
+
+def _peer(activation):
+    def peer(x, b=None):
+        return TORCH_ACT[activation](x + b if b is not None else x)
+    return peer
+
+
+@pytest.mark.parametrize("dtype", POINTWISE_DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS + GATED)
+@pytest.mark.parametrize("shape", [(7, 34), (3, 5, 66)])
+def test_bias_act(activation, dtype, shape):
+    x = (torch.randn(shape, device=DEVICE) * 3).to(dtype)
+    b = torch.randn(shape[-1], device=DEVICE).to(dtype)
+    check_op("bias_act", lambda x, b: ops.bias_act(x, b, activation, negative_slope=0.2),
+             lambda x, b: reference.bias_act(x, b, activation, negative_slope=0.2), [x, b], dtype, peer=_peer(activation))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_bias_act_no_bias_noncontiguous(activation):
+    x = noncontiguous(torch.randn(9, 20, device=DEVICE))
+    check_op("bias_act", lambda x: ops.bias_act(x, None, activation), lambda x: reference.bias_act(x, None, activation),
+             [x], torch.float32, peer=_peer(activation))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bias_act_mixed_precision_bias(dtype):
+    x = torch.randn(6, 40, device=DEVICE).to(dtype)
+    b = torch.randn(40, device=DEVICE)  # float32 bias, as an autocast Linear's would be
+    check_op("bias_act", lambda x, b: ops.bias_act(x, b, "silu"), lambda x, b: reference.bias_act(x, b, "silu"),
+             [x, b], dtype)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS + GATED)
+def test_bias_act_gradcheck_float64(activation):
+    x = torch.randn(3, 6, device=DEVICE, dtype=torch.float64)
+    x = (x + 0.1 * torch.sign(x)).requires_grad_()  # keep off relu's kink at 0
+    b = torch.randn(6, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    with expect_backend("bias_act"):
+        assert torch.autograd.gradcheck(lambda x, b: ops.bias_act(x.detach() * 0 + x, b * 0.0, activation), (x, b))
+
+
+def test_bias_act_nan_inf_like_torch():
+    x = torch.tensor([[float("nan"), float("inf"), -float("inf"), 0.0, 2.0, -2.0]], device=DEVICE)
+    # torch in float64: its float32 SIMD gelu gives NaN for +inf, where the answer is inf.
+    for activation in ACTIVATIONS:
+        ours, theirs = ops.bias_act(x, None, activation, negative_slope=0.2), TORCH_ACT[activation](x.double())
+        assert_close(ours, theirs.double(), torch.float32, f"bias_act {activation} on nan/inf")
+
+
+def test_bias_act_empty():
+    x = torch.randn(0, 8, device=DEVICE, requires_grad=True)
+    y = ops.bias_act(x, torch.zeros(8, device=DEVICE), "swiglu")
+    assert y.shape == (0, 4)
+    y.sum().backward()
+    assert x.grad.shape == (0, 8)
+
+
+BAD = [
+    (lambda: ops.bias_act(torch.ones(2, 3), None, "softplus"), ValueError, "activation must be one of"),
+    (lambda: ops.bias_act(torch.ones(2, 3), None, "swiglu"), ValueError, "even last dim"),
+    (lambda: ops.bias_act(torch.ones(2, 3), torch.ones(4)), ValueError, "bias must have shape"),
+    (lambda: ops.bias_act(torch.ones(2, 3, dtype=torch.int32)), TypeError, "input must be float16"),
+    (lambda: ops.bias_act(torch.ones(2, 3), torch.ones(3, device="meta")), ValueError, "bias is on meta"),
+    (lambda: ops.bias_act(torch.tensor(1.0)), ValueError, "at least 1 dims"),
+    (lambda: ops.bias_act(torch.ones(2, 3), None, "leaky_relu", negative_slope=None), TypeError, "negative_slope"),
+]
+
+
+@pytest.mark.parametrize("call,exc,match", BAD)
+def test_bias_act_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu"])
+def test_bias_act_cuda_extension(activation, dtype):
+    """fastnets._C's kernels (JIT-built on first use) against the reference."""
+    from fastnets import _ext
+    ok, why = _ext.status()
+    if not ok:
+        pytest.skip(f"fastnets._C unavailable here: {why}")
+    x = (torch.randn(33, 258, device="cuda") * 2).to(dtype)
+    b = torch.randn(258, device="cuda").to(dtype)
+    with fastnets.backend("cuda"):
+        check_op.__globals__["KERNEL_BACKEND"] = "cuda"
+        try:
+            check_op("bias_act", lambda x, b: ops.bias_act(x, b, activation),
+                     lambda x, b: reference.bias_act(x, b, activation), [x, b], dtype, peer=_peer(activation))
+        finally:
+            check_op.__globals__["KERNEL_BACKEND"] = "triton"
