@@ -297,132 +297,138 @@ def row_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
 
 # ----------------------------------------------------------------------------------------
 # group_norm. x is (B, C, S) contiguous (S = product of spatial dims); a group is Cg = C/G
-# consecutive channel planes of S elements. Statistics are reduced per (b, c) plane by one
-# kernel, merged per group with Chan's formula on the tiny (B, C) tensors, and applied by
-# a 2-D elementwise kernel that is fully parallel even at batch 1 (UNet sampling).
+# consecutive channel planes of S elements. Per-plane reductions run on 2-D tiles of
+# BLOCK_P planes x BLOCK_S elements, so S = 1 (features) and S = 64*64 (UNet maps) both
+# fill the tile; the tiny (B, C) results are merged per group with Chan's formula in torch.
+# Normalize and dx are flat elementwise kernels, fully parallel even at batch 1.
 # ----------------------------------------------------------------------------------------
 
-def group_norm_config(S: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK, num_warps) for the plane-wise group_norm kernels."""
-    block = min(next_pow2(S), 4096 if device.type != "cuda" else 2048)
-    return block, (8 if block >= 2048 else 4)
+def group_norm_config(planes: int, S: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_P, BLOCK_S, BLOCK, num_warps): plane-tile shape for the reductions and block for
+    the elementwise kernels; the one place group_norm launch shapes are chosen."""
+    tile = 4096 if device.type != "cuda" else 2048
+    block_s = min(next_pow2(S), tile)
+    block_p = max(1, min(next_pow2(planes), tile // block_s))
+    return block_p, block_s, (4096 if device.type != "cuda" else 1024), 4
 
 
 @triton.jit
 def _plane_stats_kernel(
-    X, Mean_c, M2_c,     # X: (B*C, S) planes; Mean_c, M2_c: (B*C,) per-plane mean and sum of squared deviations
-    S, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    X, Mean_c, M2_c,     # X: (P, S) planes; Mean_c, M2_c: (P,) per-plane mean and sum of squared deviations
+    P, S, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    plane = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK)
-    cnt = tl.zeros((BLOCK,), dtype=ACC)
-    lane_mean = tl.zeros((BLOCK,), dtype=ACC)
-    lane_m2 = tl.zeros((BLOCK,), dtype=ACC)
-    for start in range(0, S, BLOCK):
-        mask = start + offs < S
-        x = tl.load(X + plane * S + start + offs, mask=mask, other=0.0).to(ACC)
+    planes = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = planes < P
+    offs = tl.arange(0, BLOCK_S)
+    # Per-lane Welford across the S chunks, then Chan's merge across lanes.
+    cnt = tl.zeros((BLOCK_P, BLOCK_S), dtype=ACC)
+    lane_mean = tl.zeros((BLOCK_P, BLOCK_S), dtype=ACC)
+    lane_m2 = tl.zeros((BLOCK_P, BLOCK_S), dtype=ACC)
+    for start in range(0, S, BLOCK_S):
+        mask = pmask[:, None] & ((start + offs) < S)[None, :]
+        x = tl.load(X + planes[:, None] * S + start + offs[None, :], mask=mask, other=0.0).to(ACC)
         new_cnt = cnt + tl.where(mask, 1.0, 0.0)
         delta = x - lane_mean
         lane_mean += tl.where(mask, delta / tl.maximum(new_cnt, 1.0), 0.0)
         lane_m2 += tl.where(mask, delta * (x - lane_mean), 0.0)
         cnt = new_cnt
-    mean = tl.sum(lane_mean * cnt, axis=0) / S
-    d = lane_mean - mean
-    tl.store(Mean_c + plane, mean)
-    tl.store(M2_c + plane, tl.sum(lane_m2, axis=0) + tl.sum(cnt * d * d, axis=0))
+    mean = tl.sum(lane_mean * cnt, axis=1) / S
+    d = lane_mean - mean[:, None]
+    tl.store(Mean_c + planes, mean, mask=pmask)
+    tl.store(M2_c + planes, tl.sum(lane_m2, axis=1) + tl.sum(cnt * d * d, axis=1), mask=pmask)
 
 
 @triton.jit
 def _group_norm_apply_kernel(
-    X, Y, W, B,          # X, Y: (B*C, S); W, B: (C,)
+    X, Y, W, B,          # X, Y: (B*C*S,) flat; W, B: (C,)
     Mean_g, Rstd_g,      # (B*G,)
-    C, S, Cg,
+    numel, C, S, Cg,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    plane = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < S
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    plane = offs // S                 # b * C + c
     c = plane % C
-    grp = (plane // C) * (C // Cg) + c // Cg
-    x = tl.load(X + plane * S + offs, mask=mask, other=0.0).to(ACC)
-    y = (x - tl.load(Mean_g + grp)) * tl.load(Rstd_g + grp)
+    grp = plane // Cg                 # b * G + c // Cg, since groups are Cg consecutive planes
+    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+    y = (x - tl.load(Mean_g + grp, mask=mask, other=0.0)) * tl.load(Rstd_g + grp, mask=mask, other=0.0)
     if HAS_W:
-        y = y * tl.load(W + c).to(ACC)
+        y = y * tl.load(W + c, mask=mask, other=0.0).to(ACC)
     if HAS_B:
-        y = y + tl.load(B + c).to(ACC)
+        y = y + tl.load(B + c, mask=mask, other=0.0).to(ACC)
     if SILU:
         y = act_fwd(y, _SILU, 0.0)
-    tl.store(Y + plane * S + offs, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _group_norm_bwd_reduce_kernel(
     X, DY, W, B, Mean_g, Rstd_g,
-    SumDz, SumDzXhat,    # (B*C,): per plane sum(dz) and sum(dz * xhat), dz = grad before the affine
-    C, S, Cg,
+    SumDz, SumDzXhat,    # (P,): per plane sum(dz) and sum(dz * xhat), dz = grad before the affine
+    P, C, S, Cg,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    plane = tl.program_id(0).to(tl.int64)
-    c = plane % C
-    grp = (plane // C) * (C // Cg) + c // Cg
-    mean = tl.load(Mean_g + grp)
-    rstd = tl.load(Rstd_g + grp)
+    planes = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = planes < P
+    c = planes % C
+    grp = planes // Cg
+    mean = tl.load(Mean_g + grp, mask=pmask, other=0.0)[:, None]
+    rstd = tl.load(Rstd_g + grp, mask=pmask, other=0.0)[:, None]
     if HAS_W:
-        w = tl.load(W + c).to(ACC)
+        w = tl.load(W + c, mask=pmask, other=0.0).to(ACC)[:, None]
     else:
         w = 1.0
     if HAS_B:
-        b = tl.load(B + c).to(ACC)
+        b = tl.load(B + c, mask=pmask, other=0.0).to(ACC)[:, None]
     else:
         b = 0.0
-    offs = tl.arange(0, BLOCK)
-    s_dz = tl.zeros((BLOCK,), dtype=ACC)
-    s_dzx = tl.zeros((BLOCK,), dtype=ACC)
-    for start in range(0, S, BLOCK):
-        mask = start + offs < S
-        x = tl.load(X + plane * S + start + offs, mask=mask, other=0.0).to(ACC)
-        dz = tl.load(DY + plane * S + start + offs, mask=mask, other=0.0).to(ACC)
+    offs = tl.arange(0, BLOCK_S)
+    s_dz = tl.zeros((BLOCK_P, BLOCK_S), dtype=ACC)
+    s_dzx = tl.zeros((BLOCK_P, BLOCK_S), dtype=ACC)
+    for start in range(0, S, BLOCK_S):
+        mask = pmask[:, None] & ((start + offs) < S)[None, :]
+        ptrs = planes[:, None] * S + start + offs[None, :]
+        x = tl.load(X + ptrs, mask=mask, other=0.0).to(ACC)
+        dz = tl.load(DY + ptrs, mask=mask, other=0.0).to(ACC)
         xhat = (x - mean) * rstd
         if SILU:
             dz = dz * act_grad(xhat * w + b, _SILU, 0.0)
         s_dz += tl.where(mask, dz, 0.0)
         s_dzx += tl.where(mask, dz * xhat, 0.0)
-    tl.store(SumDz + plane, tl.sum(s_dz, axis=0))
-    tl.store(SumDzXhat + plane, tl.sum(s_dzx, axis=0))
+    tl.store(SumDz + planes, tl.sum(s_dz, axis=1), mask=pmask)
+    tl.store(SumDzXhat + planes, tl.sum(s_dzx, axis=1), mask=pmask)
 
 
 @triton.jit
 def _group_norm_bwd_dx_kernel(
     X, DY, DX, W, B, Mean_g, Rstd_g,
     C1, C2,              # (B*G,): mean over the group of w*dz*xhat and of w*dz
-    C, S, Cg,
+    numel, C, S, Cg,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    plane = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < S
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    plane = offs // S
     c = plane % C
-    grp = (plane // C) * (C // Cg) + c // Cg
-    mean = tl.load(Mean_g + grp)
-    rstd = tl.load(Rstd_g + grp)
+    grp = plane // Cg
+    rstd = tl.load(Rstd_g + grp, mask=mask, other=0.0)
+    xhat = (tl.load(X + offs, mask=mask, other=0.0).to(ACC) - tl.load(Mean_g + grp, mask=mask, other=0.0)) * rstd
+    dz = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
     if HAS_W:
-        w = tl.load(W + c).to(ACC)
+        w = tl.load(W + c, mask=mask, other=0.0).to(ACC)
     else:
         w = 1.0
-    x = tl.load(X + plane * S + offs, mask=mask, other=0.0).to(ACC)
-    dz = tl.load(DY + plane * S + offs, mask=mask, other=0.0).to(ACC)
-    xhat = (x - mean) * rstd
     if SILU:
         if HAS_B:
-            b = tl.load(B + c).to(ACC)
+            b = tl.load(B + c, mask=mask, other=0.0).to(ACC)
         else:
             b = 0.0
         dz = dz * act_grad(xhat * w + b, _SILU, 0.0)
-    dx = (dz * w - tl.load(C2 + grp) - xhat * tl.load(C1 + grp)) * rstd
-    tl.store(DX + plane * S + offs, dx.to(DX.dtype.element_ty), mask=mask)
+    dx = (dz * w - tl.load(C2 + grp, mask=mask, other=0.0) - xhat * tl.load(C1 + grp, mask=mask, other=0.0)) * rstd
+    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
 def group_norm_fwd(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -430,22 +436,24 @@ def group_norm_fwd(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None
     """x: (B, C, S) contiguous. Returns (y, mean, rstd) with mean/rstd of shape (B*G,)."""
     Bn, C, S = x.shape
     G, Cg = num_groups, C // num_groups
+    P, numel = Bn * C, x.numel()
     acc = acc_torch_dtype(x.dtype)
-    y = empty((Bn, C, S), dtype=x.dtype, device=x.device)
-    block, warps = group_norm_config(S, x.device)
-    mean_c = empty((Bn * C,), dtype=acc, device=x.device)
-    m2_c = empty((Bn * C,), dtype=acc, device=x.device)
-    _plane_stats_kernel[(Bn * C,)](x, mean_c, m2_c, S, ACC=acc_dtype(x.dtype), BLOCK=block, num_warps=warps)
+    block_p, block_s, block, warps = group_norm_config(P, S, x.device)
+    mean_c = empty((P,), dtype=acc, device=x.device)
+    m2_c = empty((P,), dtype=acc, device=x.device)
+    _plane_stats_kernel[(triton.cdiv(P, block_p),)](
+        x, mean_c, m2_c, P, S, ACC=acc_dtype(x.dtype), BLOCK_P=block_p, BLOCK_S=block_s, num_warps=warps)
     # Chan's merge of Cg equal-sized planes per group: exact and stable.
     mean_c, m2_c = mean_c.view(Bn, G, Cg), m2_c.view(Bn, G, Cg)
     mean_g = mean_c.mean(-1)
     m2_g = m2_c.sum(-1) + S * ((mean_c - mean_g.unsqueeze(-1)) ** 2).sum(-1)
     rstd_g = torch.rsqrt(m2_g / (Cg * S) + eps)
     mean_g, rstd_g = mean_g.reshape(-1).contiguous(), rstd_g.reshape(-1).contiguous()
-    _group_norm_apply_kernel[(Bn * C, triton.cdiv(S, block))](
-        x, y, weight if weight is not None else x, bias if bias is not None else x, mean_g, rstd_g, C, S, Cg,
-        HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, ACC=acc_dtype(x.dtype), BLOCK=block,
-        num_warps=warps)
+    y = empty((Bn, C, S), dtype=x.dtype, device=x.device)
+    _group_norm_apply_kernel[(triton.cdiv(numel, block),)](
+        x, y, weight if weight is not None else x, bias if bias is not None else x, mean_g, rstd_g,
+        numel, C, S, Cg, HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
+        ACC=acc_dtype(x.dtype), BLOCK=block, num_warps=warps)
     return y, mean_g, rstd_g
 
 
@@ -454,23 +462,25 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, num_groups: int, weight: t
     """Returns (dx, dweight or None, dbias or None). Reads x and dy twice (reduce, then dx)."""
     Bn, C, S = x.shape
     G, Cg = num_groups, C // num_groups
+    P, numel = Bn * C, x.numel()
     acc = acc_torch_dtype(x.dtype)
-    block, warps = group_norm_config(S, x.device)
+    block_p, block_s, block, warps = group_norm_config(P, S, x.device)
     has_w, has_b = weight is not None, bias is not None
     dy = dy.contiguous()
     w_arg, b_arg = (weight if has_w else x), (bias if has_b else x)
-    sum_dz = empty((Bn * C,), dtype=acc, device=x.device)
-    sum_dzx = empty((Bn * C,), dtype=acc, device=x.device)
-    _group_norm_bwd_reduce_kernel[(Bn * C,)](
-        x, dy, w_arg, b_arg, mean, rstd, sum_dz, sum_dzx, C, S, Cg,
-        HAS_W=has_w, HAS_B=has_b, SILU=silu, ACC=acc_dtype(x.dtype), BLOCK=block, num_warps=warps)
+    sum_dz = empty((P,), dtype=acc, device=x.device)
+    sum_dzx = empty((P,), dtype=acc, device=x.device)
+    _group_norm_bwd_reduce_kernel[(triton.cdiv(P, block_p),)](
+        x, dy, w_arg, b_arg, mean, rstd, sum_dz, sum_dzx, P, C, S, Cg,
+        HAS_W=has_w, HAS_B=has_b, SILU=silu, ACC=acc_dtype(x.dtype), BLOCK_P=block_p, BLOCK_S=block_s,
+        num_warps=warps)
     sum_dz, sum_dzx = sum_dz.view(Bn, C), sum_dzx.view(Bn, C)
     w = weight.to(acc) if has_w else torch.ones(C, dtype=acc, device=x.device)
     c1 = (sum_dzx * w).view(Bn, G, Cg).sum(-1).reshape(-1) / (Cg * S)
     c2 = (sum_dz * w).view(Bn, G, Cg).sum(-1).reshape(-1) / (Cg * S)
     dx = empty((Bn, C, S), dtype=x.dtype, device=x.device)
-    _group_norm_bwd_dx_kernel[(Bn * C, triton.cdiv(S, block))](
-        x, dy, dx, w_arg, b_arg, mean, rstd, c1.contiguous(), c2.contiguous(), C, S, Cg,
+    _group_norm_bwd_dx_kernel[(triton.cdiv(numel, block),)](
+        x, dy, dx, w_arg, b_arg, mean, rstd, c1.contiguous(), c2.contiguous(), numel, C, S, Cg,
         HAS_W=has_w, HAS_B=has_b, SILU=silu, ACC=acc_dtype(x.dtype), BLOCK=block, num_warps=warps)
     dw = sum_dzx.sum(0).to(weight.dtype) if has_w else None
     db = sum_dz.sum(0).to(bias.dtype) if has_b else None

@@ -71,13 +71,14 @@ def expect_backend(op: str, backend: str = KERNEL_BACKEND):
 
 
 def check_op(op_name: str, fn, ref, args: list, dtype: torch.dtype, *, peer=None, grad: bool = True,
-             grad_args: tuple | None = None) -> None:
+             grad_args: tuple | None = None, backend: str = KERNEL_BACKEND) -> None:
     """Run fn(*args) (our kernels), ref(*args in float64) and peer(*args) (torch eager in the
     same dtype, optional); compare the forward, then every floating input's gradient under
     one shared random upstream gradient.
 
     args: tensors at `dtype` (or mixed, e.g. float32 weights) and plain values.
     grad_args: indices of args to differentiate (default: every floating tensor).
+    backend: the backend the op must dispatch to (the Triton kernels by default).
     """
     if grad_args is None:
         grad_args = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.is_floating_point())
@@ -91,7 +92,7 @@ def check_op(op_name: str, fn, ref, args: list, dtype: torch.dtype, *, peer=None
         return out
 
     ours_in = prepare(lambda t: t.clone() if t.is_contiguous() else t)
-    with expect_backend(op_name):
+    with expect_backend(op_name, backend):
         ours = fn(*ours_in)
     ref_in = prepare(lambda t: t.double())
     expected = ref(*ref_in)
