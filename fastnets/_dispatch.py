@@ -6,7 +6,6 @@ Order of precedence: `fastnets.backend(...)` context > FASTNETS_BACKEND > the de
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import importlib.util
 import warnings
@@ -16,7 +15,10 @@ import torch
 
 from . import _config
 
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastnets_backend", default=None)
+# Stack of backends forced by `backend(...)`. A plain module global rather than a
+# ContextVar: torch.compile cannot trace ContextVar.get, but it reads module globals and
+# guards on them, so entering a different `backend(...)` block recompiles correctly.
+_forced_stack: list[str] = []
 
 # (op, backend) -> number of calls; tests assert the kernel really ran.
 calls: Counter = Counter()
@@ -41,11 +43,11 @@ def backend(name: str):
     """Force one backend inside a ``with`` block: ``with fastnets.backend("torch"): ...``."""
     if name not in _config.BACKENDS:
         raise ValueError(f"backend name must be one of {', '.join(_config.BACKENDS)}, got {name!r}")
-    token = _forced.set(name)
+    _forced_stack.append(name)
     try:
         yield
     finally:
-        _forced.reset(token)
+        _forced_stack.pop()
 
 
 def triton_available() -> bool:
@@ -82,7 +84,7 @@ def _default(op: str, device: torch.device, unsupported: str | None) -> tuple[st
 
 def explain(op: str, device: torch.device, unsupported: str | None = None) -> tuple[str, str]:
     """(backend, why) for one call of `op` on `device`; raises if a forced backend cannot run."""
-    forced = _forced.get() or _config.forced_backend()
+    forced = (_forced_stack[-1] if _forced_stack else None) or _config.forced_backend()
     if forced is None or forced == "torch":
         return _default(op, device, unsupported) if forced is None else ("torch", "forced")
     if unsupported:
@@ -117,7 +119,8 @@ def choose(op: str, device: torch.device, unsupported: str | None = None) -> str
     name, why = explain(op, device, unsupported)
     if name == "torch" and unsupported:
         warn_once((op, unsupported), f"fastnets.{op}: falling back to the torch reference ({why})")
-    calls[(op, name)] += 1
+    if not torch.compiler.is_compiling():
+        calls[(op, name)] += 1
     return name
 
 
