@@ -1,0 +1,262 @@
+"""The one benchmark harness: timing, device ceilings, results files, plots, tables.
+
+On CUDA: triton.testing.do_bench (CUDA events, warm-up, median and 20/80% quantiles),
+inputs rotated over enough copies to exceed L2 so timings are of HBM, not cache; achieved
+GB/s (TFLOP/s) is reported against ceilings measured in the same run: a 1 GiB
+device-to-device copy and an 8192^3 bf16 matmul. On a CPU the same cases run end to end
+(Triton interpreter vs torch reference on tiny sizes) as a functional run: its times are
+labelled as such and are not speed figures.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from typing import Callable
+
+import torch
+
+MODES = ("fwd", "bwd", "fwd_bwd")
+L2_BYTES = 50 * 2**20  # H100 / H200: 50 MiB; rotating 2x this defeats the cache
+
+
+@dataclasses.dataclass
+class Case:
+    """One op at one size. `make_inputs(device)` returns fresh inputs (floating ones with
+    requires_grad); each impl maps them to an output. bytes_* are the minimal traffic of
+    one call (each input read once, each output written once), used for GB/s."""
+
+    family: str
+    op: str
+    label: str
+    size: int                      # x-axis of the plots
+    dtype: torch.dtype
+    make_inputs: Callable
+    impls: dict
+    bytes_fwd: int
+    bytes_bwd: int
+    modes: tuple = MODES
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def device_slug(device: torch.device) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+    return slug if device.type == "cuda" else "cpu-functional"
+
+
+def measure_ceilings(device: torch.device, quick: bool) -> dict:
+    """Copy bandwidth (bytes read + written per second) and dense bf16 matmul rate, measured
+    on this device now; the denominators of every 'fraction of peak' we report."""
+    if device.type != "cuda":
+        return {"copy_gbps": None, "matmul_bf16_tflops": None, "note": "CPU functional run: no ceilings"}
+    from triton.testing import do_bench
+    n = 2**28  # 1 GiB of float32
+    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=100 if not quick else 40, return_mode="median")
+    copy_gbps = 2 * n * 4 / ms / 1e6
+    del src, dst
+    m = 8192
+    a, b = torch.randn(m, m, device=device, dtype=torch.bfloat16), torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    ms = do_bench(lambda: a @ b, warmup=25, rep=100 if not quick else 40, return_mode="median")
+    return {"copy_gbps": copy_gbps, "matmul_bf16_tflops": 2 * m**3 / ms / 1e9}
+
+
+def _time(fn: Callable, device: torch.device, quick: bool, grad_to_none=None) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        q = do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, grad_to_none=grad_to_none,
+                     quantiles=[0.5, 0.2, 0.8])
+        return float(q[0]), float(q[1]), float(q[2])
+    fn()  # warm-up (interpreter: rewrites the kernel once)
+    samples = []
+    for _ in range(1 if quick else 3):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples), min(samples), max(samples)
+
+
+def _input_sets(case: Case, device: torch.device) -> list:
+    per_set = max(case.bytes_fwd, 1)
+    count = 1 if device.type != "cuda" else max(1, min(8, -(-2 * L2_BYTES // per_set)))
+    return [case.make_inputs(device) for _ in range(count)]
+
+
+def _tensors(inputs) -> list:
+    return [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+def run_case(case: Case, device: torch.device, quick: bool, ceilings: dict) -> list[dict]:
+    sets = _input_sets(case, device)
+    rows = []
+    for impl_name, fn in case.impls.items():
+        for mode in case.modes:
+            it = {"i": 0}
+
+            def next_inputs():
+                it["i"] = (it["i"] + 1) % len(sets)
+                return sets[it["i"]]
+
+            leaves = [t for s in sets for t in _tensors(s)]
+            try:
+                if mode == "fwd":
+                    call = lambda: fn(*next_inputs())  # noqa: E731
+                    nbytes = case.bytes_fwd
+                else:
+                    outs = [fn(*s) for s in sets]
+                    grads = [torch.randn_like(o) for o in outs]
+                    if mode == "bwd":
+                        def call():
+                            next_inputs()
+                            outs[it["i"]].backward(grads[it["i"]], retain_graph=True)
+                        nbytes = case.bytes_bwd
+                    else:
+                        def call():
+                            s = next_inputs()
+                            fn(*s).backward(grads[it["i"]])
+                        nbytes = case.bytes_fwd + case.bytes_bwd
+                median, lo, hi = _time(call, device, quick, grad_to_none=leaves)
+                peak = None
+                if device.type == "cuda" and mode == "fwd_bwd":
+                    torch.cuda.synchronize()
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                    call()
+                    torch.cuda.synchronize()
+                    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                error = None
+            except Exception as exc:  # a peer that cannot run this case is reported, not fatal
+                median = lo = hi = peak = None
+                error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            # A functional (CPU interpreter) run reports times only: no GB/s, no speedups.
+            gbps = nbytes / median / 1e6 if (median and device.type == "cuda") else None
+            if device.type != "cuda":
+                impl_name = {"fastnets": "fastnets (interpreter)", "torch": "torch (reference)"}.get(impl_name, impl_name)
+            copy = ceilings.get("copy_gbps")
+            rows.append({
+                "family": case.family, "op": case.op, "label": case.label, "size": case.size,
+                "dtype": str(case.dtype).replace("torch.", ""), "impl": impl_name, "mode": mode,
+                "ms_median": median, "ms_p20": lo, "ms_p80": hi, "bytes": nbytes, "gbps": gbps,
+                "frac_of_copy_bw": (gbps / copy) if (gbps and copy) else None, "peak_mem_mib": peak, "error": error,
+            })
+            for t in leaves:
+                t.grad = None
+    return rows
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def environment(device: torch.device, command: str, quick: bool) -> dict:
+    import importlib.metadata as md
+
+    def version(pkg):
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    return {
+        "device": device_name(device), "functional_run": device.type != "cuda", "quick": quick,
+        "torch": torch.__version__, "triton": version("triton"), "cuda": torch.version.cuda,
+        "python": platform.python_version(), "git_commit": _git_commit(), "command": command,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "liger_kernel": version("liger-kernel"),
+    }
+
+
+def speedups(rows: list[dict], functional: bool = False) -> None:
+    """Adds speedup_vs_torch: the torch eager time over this impl's, same case and mode."""
+    if functional:
+        for r in rows:
+            r["speedup_vs_torch"] = None
+        return
+    base = {(r["op"], r["label"], r["dtype"], r["mode"]): r["ms_median"] for r in rows if r["impl"] == "torch"}
+    for r in rows:
+        b = base.get((r["op"], r["label"], r["dtype"], r["mode"]))
+        r["speedup_vs_torch"] = (b / r["ms_median"]) if (b and r["ms_median"]) else None
+
+
+def table(rows: list[dict], ceilings: dict) -> str:
+    headers = ["op", "shape", "dtype", "mode", "impl", "ms", "GB/s", "% copy BW", "x torch", "peak MiB"]
+
+    def fmt(v, spec):
+        return format(v, spec) if isinstance(v, (int, float)) else ("error" if v is None else str(v))
+
+    body = [[r["op"], r["label"], r["dtype"], r["mode"], r["impl"],
+             fmt(r["ms_median"], ".4f") if not r["error"] else "error",
+             fmt(r["gbps"], ".0f") if r["gbps"] else "-",
+             fmt(100 * r["frac_of_copy_bw"], ".0f") if r["frac_of_copy_bw"] else "-",
+             fmt(r["speedup_vs_torch"], ".2f") if r.get("speedup_vs_torch") else "-",
+             fmt(r["peak_mem_mib"], ".0f") if r["peak_mem_mib"] is not None else "-"] for r in rows]
+    try:
+        from tabulate import tabulate
+        text = tabulate(body, headers=headers, tablefmt="github")
+    except ImportError:
+        text = "\n".join(" | ".join(map(str, line)) for line in [headers] + body)
+    if ceilings.get("copy_gbps"):
+        text += (f"\n\nceilings measured in this run: copy {ceilings['copy_gbps']:.0f} GB/s, "
+                 f"bf16 matmul {ceilings['matmul_bf16_tflops']:.0f} TFLOP/s")
+    return text
+
+
+def plot(rows: list[dict], ceilings: dict, out_dir: str, title: str) -> list[str]:
+    """One PNG per op family: a panel per (op, mode), GB/s vs size, a line per impl and dtype,
+    the measured copy bandwidth dashed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plots (pip install 'fastnets[bench]')")
+        return []
+    paths = []
+    # GB/s on a GPU; a functional run has no speed figures, so it plots plain milliseconds.
+    metric, ylabel = ("gbps", "GB/s") if any(r["gbps"] for r in rows) else ("ms_median", "ms (functional run)")
+    for family in sorted({r["family"] for r in rows}):
+        fam = [r for r in rows if r["family"] == family and r[metric]]
+        panels = sorted({(r["op"], r["mode"]) for r in fam}, key=lambda p: (p[0], MODES.index(p[1])))
+        if not panels:
+            continue
+        cols = 3
+        nrows = -(-len(panels) // cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
+        for ax, (op, mode) in zip(axes.flat, panels):
+            sel = [r for r in fam if r["op"] == op and r["mode"] == mode]
+            for impl, dtype in sorted({(r["impl"], r["dtype"]) for r in sel}):
+                pts = sorted((r["size"], r[metric]) for r in sel if r["impl"] == impl and r["dtype"] == dtype)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                        linestyle="-" if dtype == "bfloat16" else "--", label=f"{impl} {dtype}")
+            if ceilings.get("copy_gbps"):
+                ax.axhline(ceilings["copy_gbps"], color="gray", linestyle=":", label="copy BW")
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{op} {mode}")
+            ax.set_xlabel("size")
+            ax.set_ylabel(ylabel)
+            if metric == "ms_median":
+                ax.set_yscale("log")
+            ax.legend(fontsize=7)
+        for ax in list(axes.flat)[len(panels):]:
+            ax.axis("off")
+        fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{family}.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths
