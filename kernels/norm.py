@@ -2,12 +2,12 @@
 group_norm with an optional fused SiLU.
 
 Row norms (layer_norm / rms_norm) see the input as (M rows, N normalized elements).
-- Forward, N <= FUSED_MAX_N: one program per row holds the row in registers: one read of
-  x, one write of y, plus 8 bytes of (mean, rstd) per row saved for the backward.
+- Forward, N <= FUSED_MAX_N: a program holds a (BLOCK_M rows, N) tile in registers: one
+  read of x, one write of y, plus 8 bytes of (mean, rstd) per row saved for the backward.
 - Forward, larger N: the row is streamed in BLOCK_N chunks twice (statistics, then
   normalize); per-lane Welford accumulators keep the variance stable for any N.
 - Backward, N <= FUSED_MAX_N: a persistent grid; each program walks a contiguous range of
-  rows, writes dx, and keeps its partial dweight/dbias in float32 registers. The
+  rows BLOCK_M at a time, writes dx, and keeps its partial dweight/dbias in float32 registers. The
   (programs, N) partials are summed afterwards: a parallel tree reduction, no atomics.
 - Backward, larger N: dx per row in two chunked passes, and dweight/dbias from a 2-D grid
   of (column tile, row range) programs, again summed from partials.
@@ -28,46 +28,56 @@ CHUNK_N = 4096        # chunk width when streaming wider rows
 _SILU = 5             # activation id of SiLU in kernels/activation.py
 
 
-def row_norm_config(N: int, device: torch.device) -> tuple[int, bool, int]:
-    """(BLOCK_N, single_tile, num_warps): the one place row-norm launch shapes are chosen."""
+def row_norm_config(N: int, device: torch.device) -> tuple[int, int, bool, int]:
+    """(BLOCK_M, BLOCK_N, single_tile, num_warps): the one place row-norm launch shapes are
+    chosen. Narrow rows are stacked BLOCK_M to a tile so every thread has work (a 64-wide
+    row alone would idle half of 4 warps); the interpreter likes big tiles."""
     single = N <= FUSED_MAX_N
-    block = next_pow2(N) if single else CHUNK_N
+    block_n = next_pow2(N) if single else CHUNK_N
+    tile = 4096 if device.type == "cuda" else 16384
+    block_m = max(1, tile // block_n) if single else 1
     if device.type != "cuda":
-        return block, single, 4
-    warps = 32 if block >= 32768 else 16 if block >= 8192 else 8 if block >= 2048 else 4
-    return block, single, warps
+        return block_m, block_n, single, 4
+    elems = block_m * block_n
+    warps = 32 if elems >= 32768 else 16 if elems >= 8192 else 8 if elems >= 2048 else 4
+    return block_m, block_n, single, warps
 
 
 @triton.jit
 def _row_norm_fwd_kernel(
     X, Y, W, B,          # X, Y: (M, N) with row strides; W, B: (N,) (unused if not HAS_W / HAS_B)
     Mean, Rstd,          # (M,) accumulator dtype, saved for the backward (Mean unused for RMS)
-    stride_x, stride_y, N, eps, offset,   # offset: Gemma-style y = xhat * (offset + w)
+    stride_x, stride_y, M, N, eps, offset,   # offset: Gemma-style y = xhat * (offset + w)
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    SINGLE_TILE: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+    SINGLE_TILE: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)          # int64: M * stride overflows int32 at 2^31 elements
-    x_row = X + row * stride_x
-    y_row = Y + row * stride_y
     cols = tl.arange(0, BLOCK_N)
     if SINGLE_TILE:
-        mask = cols < N
-        x = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
+        # A (BLOCK_M rows, BLOCK_N) tile in registers: one read of x, one write of y.
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: rows * stride
+        rmask = rows < M
+        cmask = cols < N
+        mask = rmask[:, None] & cmask[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(ACC)
         if IS_RMS:
-            mean = 0.0
-            var = tl.sum(x * x, axis=0) / N
+            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
+            y = x * rstd[:, None]
         else:
-            mean = tl.sum(x, axis=0) / N
-            xc = tl.where(mask, x - mean, 0.0)
-            var = tl.sum(xc * xc, axis=0) / N
-        rstd = 1.0 / tl.sqrt(var + eps)
-        y = (x - mean) * rstd
+            mean = tl.sum(x, axis=1) / N
+            xc = tl.where(mask, x - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
+            y = xc * rstd[:, None]
+            tl.store(Mean + rows, mean, mask=rmask)
         if HAS_W:
-            y = y * (tl.load(W + cols, mask=mask, other=0.0).to(ACC) + offset)
+            y = y * (tl.load(W + cols, mask=cmask, other=0.0).to(ACC) + offset)[None, :]
         if HAS_B:
-            y = y + tl.load(B + cols, mask=mask, other=0.0).to(ACC)
-        tl.store(y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
+            y = y + tl.load(B + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+        tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(Rstd + rows, rstd, mask=rmask)
     else:
+        row = tl.program_id(0).to(tl.int64)
+        x_row = X + row * stride_x
+        y_row = Y + row * stride_y
         # Pass 1: per-lane Welford (count, mean, M2) over the chunks, merged across lanes
         # with Chan's formula. Sum-of-squares minus square-of-sum would lose digits here.
         cnt = tl.zeros((BLOCK_N,), dtype=ACC)
@@ -102,9 +112,9 @@ def _row_norm_fwd_kernel(
             if HAS_B:
                 y = y + tl.load(B + start + cols, mask=mask, other=0.0).to(ACC)
             tl.store(y_row + start + cols, y.to(Y.dtype.element_ty), mask=mask)
-    if not IS_RMS:
-        tl.store(Mean + row, mean)
-    tl.store(Rstd + row, rstd)
+        if not IS_RMS:
+            tl.store(Mean + row, mean)
+        tl.store(Rstd + row, rstd)
 
 
 @triton.jit
@@ -114,46 +124,49 @@ def _row_norm_bwd_fused_kernel(
     DW_part, DB_part,    # (programs, N) accumulator dtype: this program's partial dweight / dbias
     stride_x, stride_dy, stride_dx, M, N, rows_per_program, offset,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
+    cmask = cols < N
     if HAS_W:
-        w = tl.load(W + cols, mask=mask, other=0.0).to(ACC) + offset
+        w = (tl.load(W + cols, mask=cmask, other=0.0).to(ACC) + offset)[None, :]
     dw_acc = tl.zeros((BLOCK_N,), dtype=ACC)
     db_acc = tl.zeros((BLOCK_N,), dtype=ACC)
-    # int64 loop bounds make the loop variable int64, so r * stride cannot overflow.
+    # int64 loop bounds make the row indices int64, so rows * stride cannot overflow.
     row_start = pid.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
-    for r in range(row_start, row_end):
-        x = tl.load(X + r * stride_x + cols, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(DY + r * stride_dy + cols, mask=mask, other=0.0).to(ACC)
-        rstd = tl.load(Rstd + r)
+    for r0 in range(row_start, row_end, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        rmask = rows < row_end
+        mask = rmask[:, None] & cmask[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(ACC)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(ACC)
+        rstd = tl.load(Rstd + rows, mask=rmask, other=0.0)[:, None]
         if IS_RMS:
             xhat = x * rstd
         else:
-            xhat = tl.where(mask, (x - tl.load(Mean + r)) * rstd, 0.0)
+            xhat = tl.where(mask, (x - tl.load(Mean + rows, mask=rmask, other=0.0)[:, None]) * rstd, 0.0)
         if HAS_W:
             wdy = dy * w
         else:
             wdy = dy
         # dx = rstd * (wdy - xhat * mean(wdy * xhat) - mean(wdy)); RMS drops the last term.
-        c1 = tl.sum(xhat * wdy, axis=0) / N
+        c1 = (tl.sum(xhat * wdy, axis=1) / N)[:, None]
         if IS_RMS:
             dx = (wdy - xhat * c1) * rstd
         else:
-            c2 = tl.sum(wdy, axis=0) / N
+            c2 = (tl.sum(wdy, axis=1) / N)[:, None]
             dx = (wdy - (xhat * c1 + c2)) * rstd
-        tl.store(DX + r * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if HAS_W:
-            dw_acc += dy * xhat
+            dw_acc += tl.sum(dy * xhat, axis=0)
         if HAS_B:
-            db_acc += dy
+            db_acc += tl.sum(dy, axis=0)
     if HAS_W:
-        tl.store(DW_part + pid.to(tl.int64) * N + cols, dw_acc, mask=mask)
+        tl.store(DW_part + pid.to(tl.int64) * N + cols, dw_acc, mask=cmask)
     if HAS_B:
-        tl.store(DB_part + pid.to(tl.int64) * N + cols, db_acc, mask=mask)
+        tl.store(DB_part + pid.to(tl.int64) * N + cols, db_acc, mask=cmask)
 
 
 @triton.jit
@@ -240,12 +253,12 @@ def row_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tenso
     rstd = empty((M,), dtype=acc, device=x.device)
     if M == 0 or N == 0:
         return y, mean, rstd
-    block, single, warps = row_norm_config(N, x.device)
-    _row_norm_fwd_kernel[(M,)](
+    block_m, block, single, warps = row_norm_config(N, x.device)
+    _row_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
         x, y, weight if weight is not None else x, bias if bias is not None else x, mean if not is_rms else rstd,
-        rstd, x.stride(0), y.stride(0), N, float(eps), float(offset),
+        rstd, x.stride(0), y.stride(0), M, N, float(eps), float(offset),
         IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=bias is not None, SINGLE_TILE=single,
-        ACC=acc_dtype(x.dtype), BLOCK_N=block, num_warps=warps)
+        ACC=acc_dtype(x.dtype), BLOCK_M=block_m, BLOCK_N=block, num_warps=warps)
     return y, mean, rstd
 
 
@@ -260,20 +273,21 @@ def row_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
     if M == 0 or N == 0:
         zeros = torch.zeros(N, dtype=w_dtype, device=x.device)
         return dx, (zeros if has_w else None), (zeros.clone() if has_bias else None)
-    block, single, warps = row_norm_config(N, x.device)
+    block_m, block, single, warps = row_norm_config(N, x.device)
     acc = acc_dtype(x.dtype)
     mean_arg = mean if not is_rms else rstd
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     if single:
-        programs = persistent_programs(x.device, M)
-        rows_per = triton.cdiv(M, programs)
+        programs = persistent_programs(x.device, triton.cdiv(M, block_m))
+        rows_per = triton.cdiv(triton.cdiv(M, programs), block_m) * block_m
         programs = triton.cdiv(M, rows_per)
         dw_part = torch.empty((programs, N) if has_w else (0,), dtype=p_dtype, device=x.device)
         db_part = torch.empty((programs, N) if has_bias else (0,), dtype=p_dtype, device=x.device)
         _row_norm_bwd_fused_kernel[(programs,)](
             x, weight if has_w else x, dy, dx, mean_arg, rstd, dw_part if has_w else rstd,
             db_part if has_bias else rstd, x.stride(0), dy.stride(0), dx.stride(0), M, N, rows_per, float(offset),
-            IS_RMS=is_rms, HAS_W=has_w, HAS_B=has_bias, ACC=acc, BLOCK_N=block, num_warps=warps)
+            IS_RMS=is_rms, HAS_W=has_w, HAS_B=has_bias, ACC=acc, BLOCK_M=block_m, BLOCK_N=block,
+            num_warps=warps)
     else:
         _row_norm_bwd_dx_chunked_kernel[(M,)](
             x, weight if has_w else x, dy, dx, mean_arg, rstd, x.stride(0), dy.stride(0), dx.stride(0), N,
