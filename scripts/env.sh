@@ -10,6 +10,5 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
-python -m pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install -q "${FASTNETS_TORCH:-torch==2.13.0}"
 python -m pip install -q -e ".[test,bench]"
