@@ -170,12 +170,25 @@ def _row_norm_bwd_fused_kernel(
 
 
 @triton.jit
+def _chunk_xhat_wdy(X, W, DY, r, stride_x, stride_dy, start, cols, N, mean, rstd, offset,
+                    HAS_W: tl.constexpr, ACC: tl.constexpr):
+    """One chunk of row r: (xhat, w * dy, mask), zero outside the row."""
+    mask = start + cols < N
+    x = tl.load(X + r * stride_x + start + cols, mask=mask, other=0.0).to(ACC)
+    wdy = tl.load(DY + r * stride_dy + start + cols, mask=mask, other=0.0).to(ACC)
+    if HAS_W:
+        wdy = wdy * (tl.load(W + start + cols, mask=mask, other=0.0).to(ACC) + offset)
+    return tl.where(mask, (x - mean) * rstd, 0.0), wdy, mask
+
+
+@triton.jit
 def _row_norm_bwd_dx_chunked_kernel(
     X, W, DY, DX, Mean, Rstd,
     stride_x, stride_dy, stride_dx, N, offset,
     IS_RMS: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Rows too wide for registers: pass 1 reduces the two row sums, pass 2 writes dx.
+    # Rows too wide for registers: pass 1 reduces the two row sums, pass 2 writes dx
+    # (re-reading the row, mostly from L2).
     r = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     rstd = tl.load(Rstd + r)
@@ -186,27 +199,19 @@ def _row_norm_bwd_dx_chunked_kernel(
     s1 = tl.zeros((BLOCK_N,), dtype=ACC)
     s2 = tl.zeros((BLOCK_N,), dtype=ACC)
     for start in range(0, N, BLOCK_N):
-        mask = start + cols < N
-        x = tl.load(X + r * stride_x + start + cols, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(DY + r * stride_dy + start + cols, mask=mask, other=0.0).to(ACC)
-        if HAS_W:
-            dy = dy * (tl.load(W + start + cols, mask=mask, other=0.0).to(ACC) + offset)
-        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-        s1 += xhat * dy
-        s2 += dy
+        xhat, wdy, mask = _chunk_xhat_wdy(X, W, DY, r, stride_x, stride_dy, start, cols, N, mean, rstd, offset,
+                                          HAS_W, ACC)
+        s1 += xhat * wdy
+        s2 += wdy
     c1 = tl.sum(s1, axis=0) / N
     c2 = tl.sum(s2, axis=0) / N
     for start in range(0, N, BLOCK_N):
-        mask = start + cols < N
-        x = tl.load(X + r * stride_x + start + cols, mask=mask, other=0.0).to(ACC)
-        dy = tl.load(DY + r * stride_dy + start + cols, mask=mask, other=0.0).to(ACC)
-        if HAS_W:
-            dy = dy * (tl.load(W + start + cols, mask=mask, other=0.0).to(ACC) + offset)
-        xhat = (x - mean) * rstd
+        xhat, wdy, mask = _chunk_xhat_wdy(X, W, DY, r, stride_x, stride_dy, start, cols, N, mean, rstd, offset,
+                                          HAS_W, ACC)
         if IS_RMS:
-            dx = (dy - xhat * c1) * rstd
+            dx = (wdy - xhat * c1) * rstd
         else:
-            dx = (dy - (xhat * c1 + c2)) * rstd
+            dx = (wdy - (xhat * c1 + c2)) * rstd
         tl.store(DX + r * stride_dx + start + cols, dx.to(DX.dtype.element_ty), mask=mask)
 
 
