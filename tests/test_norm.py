@@ -4,6 +4,8 @@ bad input, NaN/inf, empty tensors."""
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fastnets
 from fastnets import ops, reference
@@ -203,3 +205,29 @@ def test_torch_backend_is_reference():
     with fastnets.backend("torch"), expect_backend("layer_norm", "torch"):
         y = ops.layer_norm(x, (10,))
     assert_close(y, reference.layer_norm(x.double(), (10,)), torch.float32, "torch backend")
+
+
+def test_layer_norm_widest_rows():
+    """The issue's upper bound: a 65536-wide row, through the streamed (chunked) kernels."""
+    x = _rand((2, 65536), torch.float32, 1.5, 4.0)
+    w, b = _rand((65536,), torch.float32), _rand((65536,), torch.float32)
+    check_op("layer_norm", lambda x, w, b: ops.layer_norm(x, (65536,), w, b),
+             lambda x, w, b: reference.layer_norm(x, (65536,), w, b), [x, w, b], torch.float32,
+             peer=lambda x, w, b: F.layer_norm(x, (65536,), w, b))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.integers(1, 9), width=st.integers(1, 700), dtype=st.sampled_from(POINTWISE_DTYPES),
+       rms=st.booleans(), scale=st.floats(1e-2, 1e2), shift=st.floats(-50, 50))
+def test_row_norms_property(rows, width, dtype, rms, scale, shift):
+    """Random shapes (any width, including 1), scales and offsets: kernels match the reference."""
+    x = _rand((rows, width), dtype, scale, shift)
+    w = _rand((width,), dtype)
+    if rms:
+        check_op("rms_norm", lambda x, w: ops.rms_norm(x, (width,), w, 1e-5),
+                 lambda x, w: reference.rms_norm(x, (width,), w, 1e-5), [x, w], dtype,
+                 peer=lambda x, w: F.rms_norm(x, (width,), w, 1e-5))
+    else:
+        check_op("layer_norm", lambda x, w: ops.layer_norm(x, (width,), w),
+                 lambda x, w: reference.layer_norm(x, (width,), w), [x, w], dtype,
+                 peer=lambda x, w: F.layer_norm(x, (width,), w))
