@@ -28,16 +28,24 @@ def acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def gpu_launch(device: torch.device) -> bool:
+    """True when a launch is compiled for a GPU (every launch heuristic asks this one
+    question; the interpreter prefers other shapes). tests/aot_compile.py overrides it to
+    compile the GPU launch shapes ahead of time on a machine without one."""
+    return device.type == "cuda"
+
+
 @functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
+def sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def persistent_programs(device: torch.device, work_items: int, per_sm: int = 2) -> int:
     """Program count for a persistent kernel: enough to fill the GPU, never more than the
     work. The interpreter runs programs one after another, so on CPU fewer is faster."""
-    if device.type == "cuda":
-        cap = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) * per_sm
+    if gpu_launch(device):
+        index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
+        cap = sm_count(index) * per_sm
     else:
         cap = 4
     return max(1, min(cap, work_items))

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import acc_dtype, acc_torch_dtype, empty, next_pow2, persistent_programs
 
 # Activation ids: constexpr in the kernels, so each launch compiles only its branch.
@@ -181,7 +182,7 @@ def _act_bwd_kernel(
 def _launch_config(numel: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK, num_warps) for the pointwise kernels: 16 B per thread per access at 4 warps
     x 1024 elements keeps enough bytes in flight; the interpreter prefers big blocks."""
-    if device.type != "cuda":
+    if not _common.gpu_launch(device):
         return 4096, 4
     return (2048, 8) if numel >= (1 << 22) else (1024, 4)
 
@@ -190,7 +191,7 @@ def _bwd_tile_config(C: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_C, num_warps) for the 2-D backward: 256 columns keep each row segment
     a whole number of 128-byte lines; 16 rows give every thread 8+ elements in flight."""
     block_c = min(256, next_pow2(C))
-    if device.type != "cuda":
+    if not _common.gpu_launch(device):
         return 64, block_c, 4
     return 16, block_c, 4
 

@@ -20,12 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import acc_dtype, acc_torch_dtype, empty, next_pow2, persistent_programs
 from .activation import act_fwd, act_grad
 
 FUSED_MAX_N = 16384   # widest row held in registers in one tile
 CHUNK_N = 4096        # chunk width when streaming wider rows
-_SILU = 5             # activation id of SiLU in kernels/activation.py
+# Activation id of SiLU in kernels/activation.py. A tl.constexpr: the compiler (unlike the
+# interpreter) refuses to read plain Python globals inside @triton.jit functions.
+_SILU = tl.constexpr(5)
 
 
 def row_norm_config(N: int, device: torch.device) -> tuple[int, int, bool, int]:
@@ -34,9 +37,9 @@ def row_norm_config(N: int, device: torch.device) -> tuple[int, int, bool, int]:
     row alone would idle half of 4 warps); the interpreter likes big tiles."""
     single = N <= FUSED_MAX_N
     block_n = next_pow2(N) if single else CHUNK_N
-    tile = 4096 if device.type == "cuda" else 16384
+    tile = 4096 if _common.gpu_launch(device) else 16384
     block_m = max(1, tile // block_n) if single else 1
-    if device.type != "cuda":
+    if not _common.gpu_launch(device):
         return block_m, block_n, single, 4
     elems = block_m * block_n
     warps = 32 if elems >= 32768 else 16 if elems >= 8192 else 8 if elems >= 2048 else 4
@@ -325,10 +328,10 @@ def row_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
 def group_norm_config(planes: int, S: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_P, BLOCK_S, BLOCK, num_warps): plane-tile shape for the reductions and block for
     the elementwise kernels; the one place group_norm launch shapes are chosen."""
-    tile = 4096 if device.type != "cuda" else 2048
+    tile = 4096 if not _common.gpu_launch(device) else 2048
     block_s = min(next_pow2(S), tile)
     block_p = max(1, min(next_pow2(planes), tile // block_s))
-    return block_p, block_s, (4096 if device.type != "cuda" else 1024), 4
+    return block_p, block_s, (4096 if not _common.gpu_launch(device) else 1024), 4
 
 
 @triton.jit
