@@ -93,8 +93,7 @@ def test_layer_norm_mixed_precision(dtype):
 
 
 def test_layer_norm_gradcheck_float64():
-    args = [torch.randn(3, 7, device=DEVICE, dtype=torch.float64, requires_grad=True) for _ in range(1)]
-    args += [torch.randn(7, device=DEVICE, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    args = [torch.randn(*shape, device=DEVICE, dtype=torch.float64, requires_grad=True) for shape in ((3, 7), (7,), (7,))]
     with expect_backend("layer_norm"):
         assert torch.autograd.gradcheck(lambda x, w, b: ops.layer_norm(x, (7,), w, b), args)
 

@@ -88,9 +88,6 @@ def norm_cases(device: torch.device, quick: bool) -> list[Case]:
                         torch.randn(C, device=dev, dtype=dtype, requires_grad=True),
                         torch.randn(C, device=dev, dtype=dtype, requires_grad=True))
 
-            def torch_gn_silu(x, w, b):
-                return F.silu(F.group_norm(x, 32, w, b, 1e-5))
-
             numel = 1
             for s in shape:
                 numel *= s

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import platform
 import re
@@ -59,15 +58,18 @@ def measure_ceilings(device: torch.device, quick: bool) -> dict:
     if device.type != "cuda":
         return {"copy_gbps": None, "matmul_bf16_tflops": None, "note": "CPU functional run: no ceilings"}
     from triton.testing import do_bench
-    n = 2**28  # 1 GiB of float32
-    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
-    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=100 if not quick else 40, return_mode="median")
-    copy_gbps = 2 * n * 4 / ms / 1e6
-    del src, dst
-    m = 8192
-    a, b = torch.randn(m, m, device=device, dtype=torch.bfloat16), torch.randn(m, m, device=device, dtype=torch.bfloat16)
-    ms = do_bench(lambda: a @ b, warmup=25, rep=100 if not quick else 40, return_mode="median")
-    return {"copy_gbps": copy_gbps, "matmul_bf16_tflops": 2 * m**3 / ms / 1e9}
+    rep = 40 if quick else 100
+
+    def copy_gbps(n=2**28):  # 1 GiB of float32; freed when this returns
+        src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+        return 2 * n * 4 / do_bench(lambda: dst.copy_(src), warmup=25, rep=rep, return_mode="median") / 1e6
+
+    def matmul_tflops(m=8192):  # random data: zeros run faster than real inputs
+        a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+        b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+        return 2 * m**3 / do_bench(lambda: a @ b, warmup=25, rep=rep, return_mode="median") / 1e9
+
+    return {"copy_gbps": copy_gbps(), "matmul_bf16_tflops": matmul_tflops()}
 
 
 def _time(fn: Callable, device: torch.device, quick: bool, grad_to_none=None) -> tuple[float, float, float]:
