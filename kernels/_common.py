@@ -10,10 +10,11 @@ import triton.language as tl
 from fastnets import _config
 
 
-def empty(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def empty(shape, *, dtype: torch.dtype, device: torch.device,
+          memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """Allocate a kernel output. With FASTNETS_POISON=1 it starts NaN-filled, so an element
     the kernel forgot to write fails the comparison instead of passing on leftover memory."""
-    out = torch.empty(shape, dtype=dtype, device=device)
+    out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
     if _config.poison_outputs() and out.is_floating_point():
         out.fill_(float("nan"))
     return out

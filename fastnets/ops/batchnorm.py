@@ -1,0 +1,162 @@
+"""batch_norm: torch.nn.functional.batch_norm's signature, Triton kernels, optional fused
+activation (BN + ReLU in one pass), and fold_conv_bn for inference.
+
+Training mode computes per-channel batch statistics (float32 Welford partials merged with
+Chan's formula) and updates running_mean / running_var in place exactly as torch does:
+``running = (1 - momentum) * running + momentum * batch``, with the unbiased batch
+variance. Eval mode normalizes with the running statistics.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch, reference
+from . import _checks
+from ._registry import kernels
+
+_dispatch.register_op("batch_norm", "BatchNorm (train and eval, any layout) with optional fused activation")
+
+_ACTS = ("identity", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fold(weight, bias, mean, rstd):
+    """Per-channel scale = weight * rstd and shift = bias - mean * scale, in the stats dtype."""
+    scale = rstd * weight.to(rstd.dtype) if weight is not None else rstd.clone()
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(rstd.dtype)
+    return scale.contiguous(), shift.contiguous()
+
+
+@torch.library.custom_op("fastnets::batch_norm_fwd", mutates_args=())
+def _bn_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+            running_var: Optional[Tensor], training: bool, eps: float, activation: str,
+            slope: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    k = kernels("batchnorm")
+    acc = _acc(x.dtype)
+    if training:
+        mean, var = k.batch_stats(x)
+    else:
+        mean, var = running_mean.to(acc, copy=True), running_var.to(acc, copy=True)
+    rstd = torch.rsqrt(var + eps)
+    scale, shift = _fold(weight, bias, mean, rstd)
+    return k.bn_apply(x, scale, shift, activation, slope), mean, rstd, var
+
+
+@_bn_fwd.register_fake
+def _(x, weight, bias, running_mean, running_var, training, eps, activation, slope):
+    C = x.shape[1]
+    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    stat = lambda: x.new_empty((C,), dtype=_acc(x.dtype))  # noqa: E731
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt), stat(), stat(), stat()
+
+
+@torch.library.custom_op("fastnets::batch_norm_bwd", mutates_args=())
+def _bn_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, rstd: Tensor,
+            training: bool, activation: str, slope: float) -> tuple[Tensor, Tensor, Tensor]:
+    scale, shift = _fold(weight, bias, mean, rstd)
+    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    dx, dw, db = kernels("batchnorm").bn_bwd(dy.contiguous(memory_format=fmt), x, scale, shift, mean, rstd,
+                                             training, activation, slope)
+    e = x.new_empty((0,))
+    return dx, (dw.to(weight.dtype) if weight is not None else e), (db.to(bias.dtype) if bias is not None else e)
+
+
+@_bn_bwd.register_fake
+def _(dy, x, weight, bias, mean, rstd, training, activation, slope):
+    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    e = x.new_empty((0,))
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt),
+            torch.empty_like(weight) if weight is not None else e, torch.empty_like(bias) if bias is not None else e)
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, running_mean, running_var, training, eps, activation, slope = inputs
+    _, mean, rstd, _ = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.args = (training, activation, slope)
+
+
+def _backward(ctx, dy, _m, _r, _v):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dw, db = torch.ops.fastnets.batch_norm_bwd(dy, x, weight, bias, mean, rstd, *ctx.args)
+    return dx, (dw if weight is not None else None), (db if bias is not None else None), None, None, None, None, \
+        None, None
+
+
+_bn_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def _channels_last(t: Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+               weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5, *, activation: str = "identity",
+               negative_slope: float = 0.01) -> Tensor:
+    """``torch.nn.functional.batch_norm`` plus a fused activation (fastnets extra).
+
+    input (N, C, *): NCHW or channels_last (kept). running_mean / running_var (C,) or None;
+    in training mode they are updated in place. weight / bias (C,) or None; they, and the
+    running statistics, may be float32 while input is fp16/bf16. Backward: input, weight,
+    bias (train and eval). activation: identity, relu, leaky_relu, gelu, gelu_tanh, silu,
+    tanh, sigmoid. Backends: triton, interpret, torch.
+    """
+    op = "batch_norm"
+    _checks.tensor(op, "input", input, min_dim=2)
+    C = input.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        _checks.optional_param(op, name, t, like=input, shape=(C,))
+    weight = _checks.optional_param(op, "weight", weight, like=input, shape=(C,))
+    bias = _checks.optional_param(op, "bias", bias, like=input, shape=(C,))
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError(f"{op}: running_mean and running_var are required when training=False")
+    if training and input.numel() // C <= 1:
+        raise ValueError(f"{op}: expected more than 1 value per channel when training, got input shape "
+                         f"{tuple(input.shape)}")
+    if activation not in _ACTS:
+        raise ValueError(f"{op}: activation must be one of {', '.join(_ACTS)}, got {activation!r}")
+    eps = _checks.number(op, "eps", eps, min_value=0.0)
+    momentum = _checks.number(op, "momentum", momentum)
+    slope = _checks.number(op, "negative_slope", negative_slope)
+    backend = _dispatch.choose(op, input.device)
+    if backend == "torch" or input.numel() == 0:
+        return reference.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                    activation=activation, negative_slope=slope)
+    x = input if (input.is_contiguous() or _channels_last(input)) else input.contiguous()
+    y, mean, _, var = torch.ops.fastnets.batch_norm_fwd(x, weight, bias, running_mean if not training else None,
+                                                        running_var if not training else None, training, eps,
+                                                        activation, slope)
+    if training and running_mean is not None:
+        n = x.numel() // C
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_((var * (n / (n - 1))).to(running_var.dtype), alpha=momentum)
+    return y
+
+
+def fold_conv_bn(conv_weight: Tensor, conv_bias: Optional[Tensor], bn_mean: Tensor, bn_var: Tensor,
+                 bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float,
+                 transpose: bool = False) -> tuple[Tensor, Tensor]:
+    """(weight, bias) of one conv equal to conv followed by eval-mode BatchNorm:
+    w' = w * gamma / sqrt(var + eps) per output channel, b' = (b - mean) * gamma / sqrt(var + eps) + beta.
+    Computed in float64 and cast back to the conv weight's dtype. transpose: the weight is a
+    ConvTranspose weight (in, out/groups, kH, kW) -- only groups=1 supported there."""
+    scale = torch.rsqrt(bn_var.double() + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight.double()
+    b = conv_bias.double() if conv_bias is not None else torch.zeros_like(scale)
+    shift = (b - bn_mean.double()) * scale + (bn_bias.double() if bn_bias is not None else 0.0)
+    if transpose:
+        w = conv_weight.double() * scale.view(1, -1, *([1] * (conv_weight.dim() - 2)))
+    else:
+        w = conv_weight.double() * scale.view(-1, *([1] * (conv_weight.dim() - 1)))
+    return w.to(conv_weight.dtype), shift.to(conv_weight.dtype)

@@ -1,0 +1,204 @@
+"""2-D pooling with torch.nn.functional's signatures: max_pool2d, avg_pool2d,
+adaptive_avg_pool2d, adaptive_max_pool2d. One forward and one backward kernel
+(kernels/pool.py) serve all four; the backward gathers through the saved argmax indices
+(max) or recomputes each window's divisor (avg), deterministically."""
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch
+from .. import reference as F
+from . import _checks
+from ._registry import kernels
+
+_dispatch.register_op("max_pool2d", "max pooling (kernel, stride, padding, dilation, ceil_mode, return_indices)")
+_dispatch.register_op("avg_pool2d", "average pooling (count_include_pad, ceil_mode, divisor_override)")
+_dispatch.register_op("adaptive_avg_pool2d", "adaptive average pooling, incl. global pooling")
+_dispatch.register_op("adaptive_max_pool2d", "adaptive max pooling, incl. global pooling")
+
+
+def _channels_last(t: Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+@torch.library.custom_op("fastnets::pool2d_fwd", mutates_args=())
+def _pool_fwd(x: Tensor, out_hw: list[int], kernel: list[int], stride: list[int], padding: list[int],
+              dilation: list[int], is_max: bool, adaptive: bool, count_include_pad: bool, divisor: int,
+              store_idx: bool) -> tuple[Tensor, Tensor]:
+    y, idx = kernels("pool").pool2d_fwd(x, tuple(out_hw), tuple(kernel), tuple(stride), tuple(padding),
+                                        tuple(dilation), is_max=is_max, adaptive=adaptive,
+                                        count_include_pad=count_include_pad, divisor_override=divisor or None,
+                                        store_idx=store_idx)
+    return y, (idx if idx is not None else x.new_empty((0,), dtype=torch.int64))
+
+
+@_pool_fwd.register_fake
+def _(x, out_hw, kernel, stride, padding, dilation, is_max, adaptive, count_include_pad, divisor, store_idx):
+    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    shape = (*x.shape[:2], *out_hw)
+    y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+    idx = (torch.empty(shape, dtype=torch.int64, device=x.device, memory_format=fmt) if store_idx
+           else x.new_empty((0,), dtype=torch.int64))
+    return y, idx
+
+
+@torch.library.custom_op("fastnets::pool2d_bwd", mutates_args=())
+def _pool_bwd(dy: Tensor, idx: Tensor, x_shape: list[int], x_channels_last: bool, kernel: list[int],
+              stride: list[int], padding: list[int], dilation: list[int], is_max: bool, adaptive: bool,
+              count_include_pad: bool, divisor: int) -> Tensor:
+    return kernels("pool").pool2d_bwd(dy, idx if is_max else None, tuple(x_shape), x_channels_last, tuple(kernel),
+                                      tuple(stride), tuple(padding), tuple(dilation), is_max=is_max,
+                                      adaptive=adaptive, count_include_pad=count_include_pad,
+                                      divisor_override=divisor or None)
+
+
+@_pool_bwd.register_fake
+def _(dy, idx, x_shape, x_channels_last, kernel, stride, padding, dilation, is_max, adaptive, count_include_pad,
+      divisor):
+    fmt = torch.channels_last if x_channels_last else torch.contiguous_format
+    return torch.empty(x_shape, dtype=dy.dtype, device=dy.device, memory_format=fmt)
+
+
+def _setup(ctx, inputs, output):
+    x, out_hw, kernel, stride, padding, dilation, is_max, adaptive, count_include_pad, divisor, store_idx = inputs
+    ctx.save_for_backward(output[1])
+    ctx.args = (list(x.shape), _channels_last(x), kernel, stride, padding, dilation, is_max, adaptive,
+                count_include_pad, divisor)
+
+
+def _backward(ctx, dy, _didx):
+    (idx,) = ctx.saved_tensors
+    dx = torch.ops.fastnets.pool2d_bwd(dy, idx, *ctx.args)
+    return (dx,) + (None,) * 10
+
+
+_pool_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+# --- argument handling --------------------------------------------------------------------------
+
+def _pair(op: str, name: str, v, min_value: int) -> tuple[int, int]:
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        v = (int(v), int(v))
+    elif isinstance(v, (tuple, list)) and len(v) == 1 and isinstance(v[0], numbers.Integral):
+        v = (int(v[0]), int(v[0]))
+    elif not (isinstance(v, (tuple, list)) and len(v) == 2 and all(
+            isinstance(e, numbers.Integral) and not isinstance(e, bool) for e in v)):
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
+    v = (int(v[0]), int(v[1]))
+    if min(v) < min_value:
+        raise ValueError(f"{op}: {name} must be >= {min_value}, got {v}")
+    return v
+
+
+def _input(op: str, input) -> tuple[Tensor, bool]:
+    _checks.tensor(op, "input", input)
+    if input.dim() not in (3, 4):
+        raise ValueError(f"{op}: input must be 4-D (N, C, H, W) or 3-D (C, H, W), got shape {tuple(input.shape)}")
+    unbatched = input.dim() == 3
+    x = input.unsqueeze(0) if unbatched else input
+    if x.shape[1] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"{op}: input must have non-zero channels and spatial size, got shape {tuple(input.shape)}")
+    return x, unbatched
+
+
+def _out_size(op, size, k, s, p, d, ceil_mode, dim):
+    out = (size + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1  # the last window must start inside the input or its left padding
+    if out < 1:
+        raise ValueError(f"{op}: output {dim} would be {out} (input {dim} {size}, kernel {k}, stride {s}, "
+                         f"padding {p}, dilation {d})")
+    return out
+
+
+def _fixed_geometry(op, x, kernel_size, stride, padding, dilation, ceil_mode, half_of_effective: bool):
+    kernel = _pair(op, "kernel_size", kernel_size, 1)
+    stride = kernel if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) else \
+        _pair(op, "stride", stride, 1)
+    padding = _pair(op, "padding", padding, 0)
+    dilation = _pair(op, "dilation", dilation, 1)
+    for i in range(2):
+        eff = (kernel[i] - 1) * dilation[i] + 1 if half_of_effective else kernel[i]
+        if padding[i] > eff // 2:
+            raise ValueError(f"{op}: padding {padding} must be at most half of the "
+                             f"{'effective ' if half_of_effective else ''}kernel size {kernel}")
+    out = tuple(_out_size(op, x.shape[2 + i], kernel[i], stride[i], padding[i], dilation[i], bool(ceil_mode),
+                          ("height", "width")[i]) for i in range(2))
+    return kernel, stride, padding, dilation, out
+
+
+def _adaptive_out(op, x, output_size) -> tuple[int, int]:
+    if isinstance(output_size, numbers.Integral) and not isinstance(output_size, bool):
+        output_size = (output_size, output_size)
+    if not (isinstance(output_size, (tuple, list)) and len(output_size) == 2):
+        raise TypeError(f"{op}: output_size must be an int or a pair of ints (None keeps the input size), "
+                        f"got {output_size!r}")
+    out = tuple(x.shape[2 + i] if output_size[i] is None else output_size[i] for i in range(2))
+    if not all(isinstance(o, numbers.Integral) and o >= 1 for o in out):
+        raise ValueError(f"{op}: output_size must be positive, got {output_size!r}")
+    return tuple(int(o) for o in out)
+
+
+def _run(op, x, unbatched, out_hw, kernel, stride, padding, dilation, *, is_max, adaptive, count_include_pad=True,
+         divisor=0, return_indices=False):
+    store_idx = is_max and (return_indices or (torch.is_grad_enabled() and x.requires_grad))
+    xin = x if (x.is_contiguous() or _channels_last(x)) else x.contiguous()
+    y, idx = torch.ops.fastnets.pool2d_fwd(xin, list(out_hw), list(kernel), list(stride), list(padding),
+                                           list(dilation), is_max, adaptive, count_include_pad, divisor, store_idx)
+    if unbatched:
+        y, idx = y.squeeze(0), (idx.squeeze(0) if store_idx else idx)
+    return (y, idx) if return_indices else y
+
+
+def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
+               return_indices: bool = False):
+    """``torch.nn.functional.max_pool2d``: NCHW or channels_last (kept), any float dtype.
+    Indices are flat (h * W + w) per plane, int64, as torch returns them."""
+    op = "max_pool2d"
+    x, unbatched = _input(op, input)
+    kernel, stride_, pad, dil, out = _fixed_geometry(op, x, kernel_size, stride, padding, dilation, ceil_mode, True)
+    if _dispatch.choose(op, x.device) == "torch":
+        return F.max_pool2d(input, kernel, stride_, pad, dil, ceil_mode, return_indices)
+    return _run(op, x, unbatched, out, kernel, stride_, pad, dil, is_max=True, adaptive=False,
+                return_indices=return_indices)
+
+
+def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
+               count_include_pad: bool = True, divisor_override: Optional[int] = None) -> Tensor:
+    """``torch.nn.functional.avg_pool2d``: NCHW or channels_last (kept), any float dtype."""
+    op = "avg_pool2d"
+    x, unbatched = _input(op, input)
+    kernel, stride_, pad, dil, out = _fixed_geometry(op, x, kernel_size, stride, padding, 1, ceil_mode, False)
+    if divisor_override is not None and (isinstance(divisor_override, bool) or
+                                         not isinstance(divisor_override, numbers.Integral) or divisor_override == 0):
+        raise ValueError(f"{op}: divisor_override must be a non-zero int or None, got {divisor_override!r}")
+    if _dispatch.choose(op, x.device) == "torch":
+        return F.avg_pool2d(input, kernel, stride_, pad, ceil_mode, count_include_pad, divisor_override)
+    return _run(op, x, unbatched, out, kernel, stride_, pad, dil, is_max=False, adaptive=False,
+                count_include_pad=bool(count_include_pad), divisor=int(divisor_override or 0))
+
+
+def adaptive_avg_pool2d(input: Tensor, output_size) -> Tensor:
+    """``torch.nn.functional.adaptive_avg_pool2d`` (output_size 1 is global average pooling)."""
+    op = "adaptive_avg_pool2d"
+    x, unbatched = _input(op, input)
+    out = _adaptive_out(op, x, output_size)
+    if _dispatch.choose(op, x.device) == "torch":
+        return F.adaptive_avg_pool2d(input, out)
+    return _run(op, x, unbatched, out, (1, 1), (1, 1), (0, 0), (1, 1), is_max=False, adaptive=True)
+
+
+def adaptive_max_pool2d(input: Tensor, output_size, return_indices: bool = False):
+    """``torch.nn.functional.adaptive_max_pool2d``."""
+    op = "adaptive_max_pool2d"
+    x, unbatched = _input(op, input)
+    out = _adaptive_out(op, x, output_size)
+    if _dispatch.choose(op, x.device) == "torch":
+        return F.adaptive_max_pool2d(input, out, return_indices)
+    return _run(op, x, unbatched, out, (1, 1), (1, 1), (0, 0), (1, 1), is_max=True, adaptive=True,
+                return_indices=return_indices)
