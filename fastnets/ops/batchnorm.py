@@ -65,16 +65,17 @@ def _bn_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
     fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
     dx, dw, db = kernels("batchnorm").bn_bwd(dy.contiguous(memory_format=fmt), x, scale, shift, mean, rstd,
                                              training, activation, slope)
-    e = x.new_empty((0,))
-    return dx, (dw.to(weight.dtype) if weight is not None else e), (db.to(bias.dtype) if bias is not None else e)
+    # Custom-op outputs may not alias each other: a fresh empty for each absent gradient.
+    return (dx, dw.to(weight.dtype) if weight is not None else x.new_empty((0,)),
+            db.to(bias.dtype) if bias is not None else x.new_empty((0,)))
 
 
 @_bn_bwd.register_fake
 def _(dy, x, weight, bias, mean, rstd, training, activation, slope):
     fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
-    e = x.new_empty((0,))
     return (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt),
-            torch.empty_like(weight) if weight is not None else e, torch.empty_like(bias) if bias is not None else e)
+            torch.empty_like(weight) if weight is not None else x.new_empty((0,)),
+            torch.empty_like(bias) if bias is not None else x.new_empty((0,)))
 
 
 def _setup(ctx, inputs, output):

@@ -136,14 +136,15 @@ def _conv2d_bwd(dy: Tensor, x: Tensor, weight: Tensor, saved: Tensor, has_bias: 
                 need_dx: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     conv = kernels("conv")
     dz = dy if activation == "identity" else _act_backward(dy, saved, activation, slope)
-    empty = x.new_empty((0,))
+    # Custom-op outputs may not alias each other: a fresh empty for each absent gradient.
+    none = lambda: x.new_empty((0,))  # noqa: E731
     dx = (conv.conv2d_dgrad(dz, weight, tuple(x.shape), stride, padding, dilation, groups, like=x)[0]
-          if need_dx else empty)
-    dw, db = empty, empty
+          if need_dx else none())
+    dw, db = none(), none()
     if need_dw or has_bias:
         dw, db = conv.conv2d_wgrad(dz, x, tuple(weight.shape), stride, padding, dilation, groups, has_bias,
                                    weight.dtype)
-        db = db if db is not None else x.new_empty((0,))
+        db = db if db is not None else none()
     # dz doubles as the residual's gradient; returned only when it is not dy itself
     # (custom-op outputs may not alias inputs).
     return dx, dw, db, (dz if activation != "identity" else x.new_empty((0,)))
@@ -151,11 +152,11 @@ def _conv2d_bwd(dy: Tensor, x: Tensor, weight: Tensor, saved: Tensor, has_bias: 
 
 @_conv2d_bwd.register_fake
 def _(dy, x, weight, saved, has_bias, stride, padding, dilation, groups, activation, slope, need_dx, need_dw):
-    e = x.new_empty((0,))
-    return (_empty_like_format(x, x.shape) if need_dx else e,
-            torch.empty_like(weight) if (need_dw or has_bias) else e,
-            weight.new_empty((weight.shape[0],)) if has_bias else e,
-            _empty_like_format(dy, dy.shape) if activation != "identity" else e)
+    none = lambda: x.new_empty((0,))  # noqa: E731
+    return (_empty_like_format(x, x.shape) if need_dx else none(),
+            torch.empty_like(weight) if (need_dw or has_bias) else none(),
+            weight.new_empty((weight.shape[0],)) if has_bias else none(),
+            _empty_like_format(dy, dy.shape) if activation != "identity" else none())
 
 
 def _conv2d_setup(ctx, inputs, output):
@@ -314,23 +315,23 @@ def _convt_bwd(dy: Tensor, x: Tensor, weight: Tensor, saved: Tensor, has_bias: b
                need_dx: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
     conv = kernels("conv")
     dz = dy if activation == "identity" else _act_backward(dy, saved, activation, slope)
-    empty = x.new_empty((0,))
+    none = lambda: x.new_empty((0,))  # noqa: E731
     # The adjoint of the adjoint: dx is conv2d(dz, weight) sampled at x's size.
     dx = (conv.conv2d_fwd(dz, weight, None, None, tuple(stride), tuple(padding), tuple(dilation), groups,
-                          tuple(x.shape[2:]), "identity", 0.0, False)[0] if need_dx else empty)
+                          tuple(x.shape[2:]), "identity", 0.0, False)[0] if need_dx else none())
     # <dL/dy, T(x; w)> = <conv(dL/dy; w), x>: wgrad with x as the "output gradient".
     dw = (conv.conv2d_wgrad(x, dz, tuple(weight.shape), stride, padding, dilation, groups, False, weight.dtype)[0]
-          if need_dw else empty)
+          if need_dw else none())
     db = dz.sum(dim=(0, 2, 3), dtype=torch.float64 if dz.dtype == torch.float64 else torch.float32).to(
-        weight.dtype) if has_bias else empty
+        weight.dtype) if has_bias else none()
     return dx, dw, db
 
 
 @_convt_bwd.register_fake
 def _(dy, x, weight, saved, has_bias, stride, padding, dilation, groups, activation, slope, need_dx, need_dw):
-    e = x.new_empty((0,))
-    return (_empty_like_format(x, x.shape) if need_dx else e, torch.empty_like(weight) if need_dw else e,
-            weight.new_empty((dy.shape[1],)) if has_bias else e)
+    none = lambda: x.new_empty((0,))  # noqa: E731
+    return (_empty_like_format(x, x.shape) if need_dx else none(), torch.empty_like(weight) if need_dw else none(),
+            weight.new_empty((dy.shape[1],)) if has_bias else none())
 
 
 def _convt_setup(ctx, inputs, output):
