@@ -10,9 +10,11 @@
 Importing fastnets imports torch only: no triton, no GPU query, no compilation.
 """
 from . import _config  # noqa: F401  (applies FASTNETS_BACKEND=interpret before triton loads)
-from . import nn, ops, reference
+from . import models, nn, ops, reference
 from ._dispatch import backend, backend_report
+from .fusion import fuse_conv_bn
 from .swap import SWAP_TABLE, SwapReport, swap, unswap
 
 __version__ = "0.1.0"
-__all__ = ["SWAP_TABLE", "SwapReport", "backend", "backend_report", "nn", "ops", "reference", "swap", "unswap"]
+__all__ = ["SWAP_TABLE", "SwapReport", "backend", "backend_report", "fuse_conv_bn", "models", "nn", "ops", "reference",
+           "swap", "unswap"]

@@ -17,7 +17,17 @@ SWAP_TABLE: dict[type, type] = {
     nn.LayerNorm: fnn.LayerNorm,
     nn.GroupNorm: fnn.GroupNorm,
     nn.RMSNorm: fnn.RMSNorm,
+    nn.Conv1d: fnn.Conv1d,
+    nn.Conv2d: fnn.Conv2d,
+    nn.ConvTranspose2d: fnn.ConvTranspose2d,
+    nn.BatchNorm2d: fnn.BatchNorm2d,
+    nn.MaxPool2d: fnn.MaxPool2d,
+    nn.AvgPool2d: fnn.AvgPool2d,
+    nn.AdaptiveAvgPool2d: fnn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d: fnn.AdaptiveMaxPool2d,
 }
+# Swapped only as part of a fused Conv2d -> BatchNorm2d -> ReLU chain (see fastnets.fusion).
+_CHAIN_ONLY = {nn.ReLU: fnn.ReLU}
 
 
 @dataclasses.dataclass
@@ -28,11 +38,13 @@ class SwapReport:
     model: nn.Module
     replaced: list = dataclasses.field(default_factory=list)  # (qualified name, from class, to class)
     skipped: list = dataclasses.field(default_factory=list)   # (qualified name, class, reason)
+    fused: list = dataclasses.field(default_factory=list)     # (conv, bn, relu or None): one kernel in eval
 
     def __str__(self) -> str:
         lines = [f"replaced {len(self.replaced)} module(s), left {len(self.skipped)}"]
         lines += [f"  swapped {name or '<root>'}: {a} -> {b}" for name, a, b in self.replaced]
         lines += [f"  left    {name or '<root>'} ({cls}): {why}" for name, cls, why in self.skipped]
+        lines += [f"  fused   {c} -> {b}" + (f" -> {r}" if r else "") + " (eval mode)" for c, b, r in self.fused]
         return "\n".join(lines)
 
 
@@ -40,7 +52,8 @@ def _rebind(module: nn.Module, cls: type) -> nn.Module:
     """A new `cls` instance sharing `module`'s state: the same Parameter and buffer objects
     (the registries are copied shallowly, so later additions to one do not leak to the other)."""
     new = cls.__new__(cls)
-    new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()})
+    new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()
+                         if k != "_fusion"})  # a fusion belongs to the fastnets modules swap() made
     return new
 
 
@@ -81,7 +94,30 @@ def _walk(model: nn.Module, table: dict, include, exclude) -> SwapReport:
     return report
 
 
-def swap(model: nn.Module, *, include=None, exclude=None) -> SwapReport:
+def _attach_fusions(report: SwapReport, chains) -> None:
+    """Give each found chain whose conv and BN were swapped a shared _Fusion; a ReLU used
+    only after that BN becomes fastnets.nn.ReLU so it can step aside in eval mode."""
+    root = report.model
+    for chain in chains:
+        conv, bn = root.get_submodule(chain.conv), root.get_submodule(chain.bn)
+        if type(conv) is not fnn.Conv2d or type(bn) is not fnn.BatchNorm2d:
+            continue
+        fusion = fnn.conv._Fusion(conv, bn, "relu" if (chain.relu or chain.relu_function) else "identity")
+        conv._fusion = bn._fusion = fusion
+        relu_name = None
+        if chain.relu and chain.relu_exclusive:
+            relu = root.get_submodule(chain.relu)
+            if type(relu) in _CHAIN_ONLY:
+                relu = _rebind(relu, _CHAIN_ONLY[type(relu)])
+                parent, _, child = chain.relu.rpartition(".")
+                setattr(root.get_submodule(parent) if parent else root, child, relu)
+            if isinstance(relu, fnn.ReLU):
+                relu._fusion, relu_name = fusion, chain.relu
+        # A shared ReLU (torchvision's blocks reuse one) still runs; relu(relu(z)) = relu(z).
+        report.fused.append((chain.conv, chain.bn, relu_name or (chain.relu if chain.relu else None)))
+
+
+def swap(model: nn.Module, *, include=None, exclude=None, fuse: bool = True) -> SwapReport:
     """Replace torch.nn modules inside `model` (in place) by their fastnets versions.
 
     include / exclude: lists of module classes (``nn.GroupNorm``), class names
@@ -89,10 +125,19 @@ def swap(model: nn.Module, *, include=None, exclude=None) -> SwapReport:
     include, only matching modules are swapped; exclude keeps matching modules on torch.
     Returns a SwapReport listing what was replaced and what was left, and why. Parameters
     are shared, not copied: optimizers built before the swap keep working.
+
+    fuse: also find Conv2d -> BatchNorm2d (-> ReLU) chains (fastnets.fusion) and, in eval
+    mode, run each as one conv with the BN folded in and the ReLU in its epilogue. Training
+    mode is unaffected. Listed in the report's `fused`.
     """
-    return _walk(model, SWAP_TABLE, include, exclude)
+    from . import fusion
+    chains = fusion.find_conv_bn_chains(model) if fuse else []
+    report = _walk(model, SWAP_TABLE, include, exclude)
+    _attach_fusions(report, chains)
+    return report
 
 
 def unswap(model: nn.Module) -> SwapReport:
     """Undo swap(): turn fastnets modules back into the torch.nn classes, sharing parameters."""
-    return _walk(model, {fast: torch_cls for torch_cls, fast in SWAP_TABLE.items()}, None, None)
+    table = {fast: torch_cls for torch_cls, fast in {**SWAP_TABLE, **_CHAIN_ONLY}.items()}
+    return _walk(model, table, None, None)

@@ -243,8 +243,9 @@ def gemm_configs(device: torch.device, rows: int, cols: int, red_channels: int, 
     over `red_channels` per tap. The GPU list spans tall, wide and square tiles (tuned_launch
     picks by timing); the interpreter gets one large tile, since it runs programs serially."""
     if not _common.gpu_launch(device):
-        return [dict(BLOCK_M=max(16, min(128, next_pow2(rows))), BLOCK_N=max(16, min(64, next_pow2(cols))),
-                     BLOCK_K=_block_k(red_channels, 32), GROUP_M=8, num_warps=4)]
+        # The interpreter's cost is per loop iteration and program, nearly flat in tile size.
+        return [dict(BLOCK_M=max(16, min(256, next_pow2(rows))), BLOCK_N=max(16, min(256, next_pow2(cols))),
+                     BLOCK_K=_block_k(red_channels, 128), GROUP_M=8, num_warps=4)]
     wide = dtype == torch.float64 or dtype == torch.float32
     cands = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4),
              (64, 64, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)]
@@ -369,7 +370,7 @@ def conv2d_wgrad(dy: torch.Tensor, x: torch.Tensor, weight_shape: tuple[int, int
     if rows == 0 or CRS == 0 or K == 0:
         return (torch.zeros(weight_shape, dtype=out_dtype, device=x.device),
                 torch.zeros((K,), dtype=out_dtype, device=x.device) if need_bias else None)
-    configs = gemm_configs(dy.device, Kg, CRS, 64, dy.dtype)
+    configs = gemm_configs(dy.device, Kg, CRS, 64 if _common.gpu_launch(dy.device) else rows, dy.dtype)
     # Tiles and split count depend on the config, and partial buffers on the split count: take
     # the split from the first config and keep it for every candidate.
     c0 = configs[0]
