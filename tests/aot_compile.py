@@ -21,7 +21,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from fastnets.kernels import _common, activation, norm  # noqa: E402
+from fastnets.kernels import _common, activation, batchnorm, conv, norm, pool  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas")
@@ -97,8 +97,71 @@ def drive_launchers():
             activation.bias_act_bwd(meta(*y.shape, dtype=dtype), x, b, name, 0.01)
 
 
+def cl(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+_all_configs = conv.gemm_configs
+
+
+def _configs_for_aot(device, rows, cols, red, dtype):
+    # Every candidate tile for bf16 (the dtype the benchmarks tune); the first for the other
+    # dtypes, which differ only in element type -- this keeps the check inside CI's budget.
+    configs = _all_configs(device, rows, cols, red, dtype)
+    return configs if dtype == torch.bfloat16 else configs[:1]
+
+
+def drive_cnn_launchers():
+    """conv (every bf16 tile candidate the tuner may pick), batch_norm and pooling."""
+    conv.gemm_configs = _configs_for_aot
+    for dtype, layout in itertools.product((torch.bfloat16, torch.float16, torch.float32, torch.float64),
+                                           (False, True)):
+        if dtype in (torch.float32, torch.float64) and layout:
+            continue
+        f = cl if layout else (lambda t: t)
+        x, w = f(meta(32, 64, 28, 28, dtype=dtype)), meta(128, 64, 3, 3, dtype=dtype)
+        b = meta(128, dtype=dtype)
+        res = f(meta(32, 128, 14, 14, dtype=dtype))
+        for act, residual, bias, store_z in (("relu", res, b, False), ("identity", None, None, False),
+                                             ("silu", None, b, True)):
+            y, _ = conv.conv2d_fwd(x, w, bias, residual, (2, 2), (1, 1), (1, 1), 1, (14, 14), act, 0.0, store_z)
+        conv.conv2d_dgrad(y, w, tuple(x.shape), (2, 2), (1, 1), (1, 1), 1, like=x)
+        conv.conv2d_dgrad(y, w, tuple(x.shape), (2, 2), (1, 1), (1, 1), 1, bias=meta(64, dtype=dtype),
+                          activation="relu", like=x)
+        conv.conv2d_wgrad(y, x, tuple(w.shape), (2, 2), (1, 1), (1, 1), 1, True, dtype)
+        if dtype == torch.bfloat16:  # stem (3 channels, 7x7) and depthwise shapes
+            xs = f(meta(32, 3, 224, 224, dtype=dtype))
+            ys, _ = conv.conv2d_fwd(xs, meta(64, 3, 7, 7, dtype=dtype), None, None, (2, 2), (3, 3), (1, 1), 1,
+                                    (112, 112), "relu", 0.0, False)
+            conv.conv2d_wgrad(ys, xs, (64, 3, 7, 7), (2, 2), (3, 3), (1, 1), 1, False, dtype)
+            wd = meta(64, 1, 3, 3, dtype=dtype)
+            yd, _ = conv.conv2d_fwd(x, wd, None, None, (1, 1), (1, 1), (1, 1), 64, (28, 28), "identity", 0.0, False)
+            conv.conv2d_dgrad(yd, wd, tuple(x.shape), (1, 1), (1, 1), (1, 1), 64, like=x)
+            conv.conv2d_wgrad(yd, x, (64, 1, 3, 3), (1, 1), (1, 1), (1, 1), 64, False, dtype)
+    for dtype, layout, act in itertools.product((torch.bfloat16, torch.float32, torch.float64),
+                                                (False, True), ("identity", "relu")):
+        x = meta(32, 64, 28, 28, dtype=dtype)
+        x = cl(x) if layout else x
+        mean, var = batchnorm.batch_stats(x)
+        scale = meta(64, dtype=mean.dtype)
+        y = batchnorm.bn_apply(x, scale, scale, act, 0.0)
+        batchnorm.bn_bwd(y, x, scale, scale, mean, var, True, act, 0.0)
+    for dtype, layout in itertools.product((torch.bfloat16, torch.float32, torch.float64), (False, True)):
+        x = meta(32, 64, 56, 56, dtype=dtype)
+        x = cl(x) if layout else x
+        for kwargs, out in ((dict(is_max=True, adaptive=False, store_idx=True), (28, 28)),
+                            (dict(is_max=False, adaptive=False), (28, 28)),
+                            (dict(is_max=False, adaptive=False, count_include_pad=False, divisor_override=3), (28, 28)),
+                            (dict(is_max=False, adaptive=True), (1, 1)), (dict(is_max=True, adaptive=True, store_idx=True),
+                                                                          (7, 7))):
+            y, idx = pool.pool2d_fwd(x, out, (3, 3), (2, 2), (1, 1), (1, 1), **kwargs)
+            kwargs.pop("store_idx", None)
+            pool.pool2d_bwd(y, idx, tuple(x.shape), layout, (3, 3), (2, 2), (1, 1), (1, 1), **kwargs)
+
+
 def main() -> int:
     drive_launchers()
+    drive_cnn_launchers()
     start, failures = time.perf_counter(), []
     for (name, *_), (fn, signature, constexprs, options) in sorted(launches.items(), key=lambda kv: kv[0][0]):
         try:

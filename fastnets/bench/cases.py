@@ -153,4 +153,7 @@ def _cuda_impl(act):
     return fn
 
 
-FAMILIES = {"norm": norm_cases, "activation": activation_cases}
+from .cnn_cases import bn_pool_cases, conv_cases, resnet50_cases  # noqa: E402
+
+FAMILIES = {"norm": norm_cases, "activation": activation_cases, "conv": conv_cases, "bn_pool": bn_pool_cases,
+            "model": resnet50_cases}

@@ -41,6 +41,10 @@ class Case:
     bytes_fwd: int
     bytes_bwd: int
     modes: tuple = MODES
+    # Compute-bound ops (convolution): useful FLOPs of one call, reported as TFLOP/s
+    # against the measured bf16 matmul rate. 0 for memory-bound ops.
+    flops_fwd: int = 0
+    flops_bwd: int = 0
 
 
 def device_name(device: torch.device) -> str:
@@ -110,10 +114,11 @@ def run_case(case: Case, device: torch.device, quick: bool, ceilings: dict) -> l
                 return sets[it["i"]]
 
             leaves = [t for s in sets for t in _tensors(s)]
+            nbytes, nflops = 0, 0
             try:
                 if mode == "fwd":
                     call = lambda: fn(*next_inputs())  # noqa: E731
-                    nbytes = case.bytes_fwd
+                    nbytes, nflops = case.bytes_fwd, case.flops_fwd
                 else:
                     outs = [fn(*s) for s in sets]
                     grads = [torch.randn_like(o) for o in outs]
@@ -121,12 +126,12 @@ def run_case(case: Case, device: torch.device, quick: bool, ceilings: dict) -> l
                         def call():
                             next_inputs()
                             outs[it["i"]].backward(grads[it["i"]], retain_graph=True)
-                        nbytes = case.bytes_bwd
+                        nbytes, nflops = case.bytes_bwd, case.flops_bwd
                     else:
                         def call():
                             s = next_inputs()
                             fn(*s).backward(grads[it["i"]])
-                        nbytes = case.bytes_fwd + case.bytes_bwd
+                        nbytes, nflops = case.bytes_fwd + case.bytes_bwd, case.flops_fwd + case.flops_bwd
                 median, lo, hi = _time(call, device, quick, grad_to_none=leaves)
                 peak = None
                 if device.type == "cuda" and mode == "fwd_bwd":
@@ -142,6 +147,7 @@ def run_case(case: Case, device: torch.device, quick: bool, ceilings: dict) -> l
                 error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
             # A functional (CPU interpreter) run reports times only: no GB/s, no speedups.
             gbps = nbytes / median / 1e6 if (median and device.type == "cuda") else None
+            tflops = nflops / median / 1e9 if (median and nflops and device.type == "cuda") else None
             if device.type != "cuda":
                 impl_name = {"fastnets": "fastnets (interpreter)", "torch": "torch (reference)"}.get(impl_name, impl_name)
             copy = ceilings.get("copy_gbps")
@@ -149,7 +155,10 @@ def run_case(case: Case, device: torch.device, quick: bool, ceilings: dict) -> l
                 "family": case.family, "op": case.op, "label": case.label, "size": case.size,
                 "dtype": str(case.dtype).replace("torch.", ""), "impl": impl_name, "mode": mode,
                 "ms_median": median, "ms_p20": lo, "ms_p80": hi, "bytes": nbytes, "gbps": gbps,
-                "frac_of_copy_bw": (gbps / copy) if (gbps and copy) else None, "peak_mem_mib": peak, "error": error,
+                "frac_of_copy_bw": (gbps / copy) if (gbps and copy) else None, "tflops": tflops,
+                "frac_of_matmul": (tflops / ceilings["matmul_bf16_tflops"])
+                if (tflops and ceilings.get("matmul_bf16_tflops")) else None,
+                "peak_mem_mib": peak, "error": error,
             })
             for t in leaves:
                 t.grad = None
@@ -195,7 +204,8 @@ def speedups(rows: list[dict], functional: bool = False) -> None:
 
 
 def table(rows: list[dict], ceilings: dict) -> str:
-    headers = ["op", "shape", "dtype", "mode", "impl", "ms", "GB/s", "% copy BW", "x torch", "peak MiB"]
+    headers = ["op", "shape", "dtype", "mode", "impl", "ms", "GB/s", "% copy BW", "TFLOP/s", "% matmul", "x torch",
+               "peak MiB"]
 
     def fmt(v, spec):
         return format(v, spec) if isinstance(v, (int, float)) else ("error" if v is None else str(v))
@@ -204,6 +214,8 @@ def table(rows: list[dict], ceilings: dict) -> str:
              fmt(r["ms_median"], ".4f") if not r["error"] else "error",
              fmt(r["gbps"], ".0f") if r["gbps"] else "-",
              fmt(100 * r["frac_of_copy_bw"], ".0f") if r["frac_of_copy_bw"] else "-",
+             fmt(r.get("tflops"), ".1f") if r.get("tflops") else "-",
+             fmt(100 * r["frac_of_matmul"], ".0f") if r.get("frac_of_matmul") else "-",
              fmt(r["speedup_vs_torch"], ".2f") if r.get("speedup_vs_torch") else "-",
              fmt(r["peak_mem_mib"], ".0f") if r["peak_mem_mib"] is not None else "-"] for r in rows]
     try:
@@ -229,8 +241,12 @@ def plot(rows: list[dict], ceilings: dict, out_dir: str, title: str) -> list[str
         return []
     paths = []
     # GB/s on a GPU; a functional run has no speed figures, so it plots plain milliseconds.
-    metric, ylabel = ("gbps", "GB/s") if any(r["gbps"] for r in rows) else ("ms_median", "ms (functional run)")
+    gpu = any(r["gbps"] for r in rows)
     for family in sorted({r["family"] for r in rows}):
+        # Compute-bound families plot TFLOP/s, memory-bound ones GB/s.
+        compute = gpu and any(r.get("tflops") for r in rows if r["family"] == family)
+        metric, ylabel = (("tflops", "TFLOP/s") if compute else ("gbps", "GB/s")) if gpu else \
+            ("ms_median", "ms (functional run)")
         fam = [r for r in rows if r["family"] == family and r[metric]]
         panels = sorted({(r["op"], r["mode"]) for r in fam}, key=lambda p: (p[0], MODES.index(p[1])))
         if not panels:
@@ -244,8 +260,10 @@ def plot(rows: list[dict], ceilings: dict, out_dir: str, title: str) -> list[str
                 pts = sorted((r["size"], r[metric]) for r in sel if r["impl"] == impl and r["dtype"] == dtype)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
                         linestyle="-" if dtype == "bfloat16" else "--", label=f"{impl} {dtype}")
-            if ceilings.get("copy_gbps"):
+            if metric == "gbps" and ceilings.get("copy_gbps"):
                 ax.axhline(ceilings["copy_gbps"], color="gray", linestyle=":", label="copy BW")
+            if metric == "tflops" and ceilings.get("matmul_bf16_tflops"):
+                ax.axhline(ceilings["matmul_bf16_tflops"], color="gray", linestyle=":", label="bf16 matmul")
             ax.set_xscale("log", base=2)
             ax.set_title(f"{op} {mode}")
             ax.set_xlabel("size")
