@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # The main job: set up (scripts/env.sh), report the backends, run the end-to-end swap demo,
-# then the quick benchmark on the default device (a GPU if present; else a functional run
-# on the CPU through Triton's interpreter).
+# train a CNN on the digits data (a full short run on a GPU; a few interpreted steps on a
+# CPU), then the quick benchmark on the default device (a GPU if present; else a
+# functional run on the CPU through Triton's interpreter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
+GPU=1
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   export TRITON_INTERPRET=1
+  GPU=0
 fi
 python -m fastnets info
 python examples/swap_transformer.py
+if [ "$GPU" = 1 ]; then
+  python examples/train_cnn.py --epochs 5 --channels-last --amp
+else
+  python examples/train_cnn.py --epochs 1 --max-steps 4 --width 8 --size 8 --batch-size 32 --max-eval 128
+fi
 python -m fastnets bench --quick --out "${FASTNETS_BENCH_OUT:-bench-out}" "$@"

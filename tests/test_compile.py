@@ -12,6 +12,13 @@ CASES = {
     "group_norm": (lambda x, w, b: ops.group_norm(x.view(5, 3, 11), 3, w[:3], b[:3], activation="silu"), (5, 33), (33,)),
     "bias_act": (lambda x, w, b: ops.bias_act(x * w, b, "gelu_tanh"), (5, 33), (33,)),
     "bias_act_swiglu": (lambda x, w, b: ops.bias_act(x[:, :32] * w[:32], b[:32], "swiglu"), (5, 33), (33,)),
+    "conv2d_fused": (lambda x, w, b: ops.conv2d(x, w, b[:, 0, 0, 0], padding=1, activation="relu", residual=x[:, :4]),
+                     (2, 6, 5, 5), (4, 6, 3, 3)),
+    "conv_transpose2d": (lambda x, w, b: ops.conv_transpose2d(x, w, b[:3, 0, 0, 0], 2, 1, 1),
+                         (1, 4, 3, 3), (4, 3, 3, 3)),
+    "batch_norm_pool": (lambda x, w, b: ops.max_pool2d(ops.batch_norm(x, None, None, w, b, True,
+                                                                      activation="relu"), 3, 2, 1)
+                        + ops.adaptive_avg_pool2d(x, 3), (2, 6, 6, 6), (6,)),
 }
 
 
