@@ -181,7 +181,8 @@ def test_conv2d_autocast_runs_in_low_precision():
 
 @pytest.mark.parametrize("call, match", [
     (lambda x, w: ops.conv2d(x, w[:, :2], groups=3), "channels"),
-    (lambda x, w: ops.conv2d(torch.randn(2, 4, 6, 6, device=DEVICE), torch.randn(5, 2, 3, 3, device=DEVICE), groups=2), "divisible by groups"),
+    (lambda x, w: ops.conv2d(torch.randn(2, 4, 6, 6, device=DEVICE), torch.randn(5, 2, 3, 3, device=DEVICE),
+                             groups=2), "divisible by groups"),
     (lambda x, w: ops.conv2d(x[..., :2, :2], w), "larger than the padded input"),
     (lambda x, w: ops.conv2d(x[0, 0], w), "4-D"),
     (lambda x, w: ops.conv2d(x, w[0]), "weight must be 4-D"),
