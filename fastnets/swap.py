@@ -53,7 +53,7 @@ def _rebind(module: nn.Module, cls: type) -> nn.Module:
     (the registries are copied shallowly, so later additions to one do not leak to the other)."""
     new = cls.__new__(cls)
     new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()
-                         if k != "_fusion"})  # a fusion belongs to the fastnets modules swap() made
+                         if k not in ("_fusion", "_fold_cache")})  # belong to the modules swap() made
     return new
 
 

@@ -20,6 +20,14 @@ def empty(shape, *, dtype: torch.dtype, device: torch.device,
     return out
 
 
+def memory_format(t: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-D tensor dense in NHWC order (and not also plain contiguous),
+    else contiguous_format: the layout a kernel output keeps."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def acc_dtype(dtype: torch.dtype):
     """Kernels accumulate in float32 (float64 for float64 inputs, so gradcheck is exact)."""
     return tl.float64 if dtype == torch.float64 else tl.float32

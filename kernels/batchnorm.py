@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import acc_dtype, acc_torch_dtype, empty, next_pow2
+from ._common import acc_dtype, acc_torch_dtype, empty, memory_format, next_pow2
 from .activation import ACTIVATIONS, act_fwd, act_grad
 
 
@@ -139,13 +139,9 @@ def _view3(t: torch.Tensor) -> tuple[int, int, int, int, int, int]:
     """(N, C, S, stride_n, stride_c, stride_s) of a dense NCHW or channels_last tensor."""
     N, C = t.shape[:2]
     S = t[0, 0].numel() if t.numel() else 1
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+    if memory_format(t) == torch.channels_last:
         return N, C, S, t.stride(0), 1, C
     return N, C, S, t.stride(0), (S if t.dim() > 2 else 1), 1
-
-
-def _format(t: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if t.dim() == 4 and _view3(t)[4] == 1 and t.shape[1] > 1 else torch.contiguous_format
 
 
 def _c_div(t: torch.Tensor) -> int:
@@ -196,7 +192,7 @@ def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def bn_apply(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, activation: str, slope: float) -> torch.Tensor:
     """act(x * scale[c] + shift[c]); scale/shift float32 (float64 for float64) of shape (C,)."""
-    y = empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_format(x))
+    y = empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
     numel = x.numel()
     block, warps = _flat_config(x.device)
     _bn_apply_kernel[(triton.cdiv(numel, block),)](
@@ -225,7 +221,7 @@ def bn_bwd(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.
         k1, k2 = s_dz / count, s_dzx / count
     else:  # running statistics are constants: dx = scale * dz
         k1 = k2 = torch.zeros_like(s_dz)
-    dx = empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_format(x))
+    dx = empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
     block, fwarps = _flat_config(x.device)
     _bn_bwd_dx_kernel[(triton.cdiv(x.numel(), block),)](
         x, dy, dx, scale, shift, mean, rstd, k1, k2, x.numel(), C, _c_div(x), float(slope),

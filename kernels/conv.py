@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import acc_dtype, acc_torch_dtype, empty, next_pow2, tuned_launch
+from ._common import acc_dtype, acc_torch_dtype, empty, memory_format, next_pow2, tuned_launch
 from .activation import ACTIVATIONS, act_fwd
 
 
@@ -277,11 +277,7 @@ def _strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
 
 def output_like(x: torch.Tensor, shape: tuple[int, int, int, int], dtype: torch.dtype | None = None) -> torch.Tensor:
     """A new (N, C, H, W) tensor in x's memory format: channels_last in, channels_last out."""
-    out = empty(shape, dtype=dtype or x.dtype, device=x.device)
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        out = empty((shape[0], shape[2], shape[3], shape[1]), dtype=dtype or x.dtype,
-                    device=x.device).permute(0, 3, 1, 2)
-    return out
+    return empty(shape, dtype=dtype or x.dtype, device=x.device, memory_format=memory_format(x))
 
 
 # --- launchers ------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import acc_dtype, empty
+from ._common import acc_dtype, empty, memory_format
 
 
 @triton.jit
@@ -177,10 +177,6 @@ def _pool2d_bwd_kernel(
 
 # --- launchers ---------------------------------------------------------------------------------
 
-def _is_cl(t: torch.Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
 def _block(device: torch.device) -> tuple[int, int]:
     return (512, 4) if _common.gpu_launch(device) else (4096, 4)
 
@@ -191,7 +187,7 @@ def pool2d_fwd(x: torch.Tensor, out_hw, kernel, stride, padding, dilation, *, is
     For adaptive pooling kernel/stride/padding/dilation are ignored."""
     N, C, H, W = x.shape
     P, Q = out_hw
-    fmt = torch.channels_last if _is_cl(x) else torch.contiguous_format
+    fmt = memory_format(x)
     y = empty((N, C, P, Q), dtype=x.dtype, device=x.device, memory_format=fmt)
     idx = (torch.empty((N, C, P, Q), dtype=torch.int64, device=x.device, memory_format=fmt)
            if store_idx else None)
@@ -225,7 +221,7 @@ def pool2d_bwd(dy: torch.Tensor, idx: torch.Tensor | None, x_shape, channels_las
     if dx.numel() == 0:
         return dx
     if is_max:
-        idx_fmt = torch.channels_last if _is_cl(idx) else torch.contiguous_format
+        idx_fmt = memory_format(idx)
         dy = dy.contiguous(memory_format=idx_fmt)
         idx = idx.contiguous(memory_format=idx_fmt)
     if adaptive:

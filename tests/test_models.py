@@ -205,3 +205,21 @@ def test_transfer_errors(tmp_path):
         transfer.freeze(model, trainable=["layer9"])
     with pytest.raises(ValueError, match="num_classes"):
         transfer.replace_head(model, 0)
+
+
+def test_eval_fold_is_cached_until_a_weight_changes():
+    """Inference folds each BN into its conv once, and refolds after an in-place update."""
+    conv, bn = fastnets.nn.Conv2d(3, 4, 3, padding=1, bias=False), fastnets.nn.BatchNorm2d(4)
+    tv.randomize_bn(nn.Sequential(bn))
+    conv.to(DEVICE).eval(), bn.to(DEVICE).eval()
+    x = _x(1, 6)
+    with torch.no_grad():
+        first = fastnets.nn.conv_bn_act(conv, bn, x)
+        w_cached = conv._fold_cache[1][0]
+        assert fastnets.nn.conv_bn_act(conv, bn, x).equal(first) and conv._fold_cache[1][0] is w_cached
+        bn.running_mean.add_(1.0)
+        after = fastnets.nn.conv_bn_act(conv, bn, x)
+    assert conv._fold_cache[1][0] is not w_cached
+    want = torch.relu(torch.nn.functional.batch_norm(torch.nn.functional.conv2d(x, conv.weight, None, 1, 1),
+                                                     bn.running_mean, bn.running_var, bn.weight, bn.bias, False))
+    torch.testing.assert_close(after, want, atol=1e-5, rtol=1e-5)

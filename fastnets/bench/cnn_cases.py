@@ -20,7 +20,8 @@ RESNET50_CONVS = [
 
 
 def _size(dtype):
-    return torch.empty((), dtype=dtype).element_size()
+    from .cases import _size as size   # cases.py imports this module at its end
+    return size(dtype)
 
 
 def _peers(torch_fn, device):
@@ -94,6 +95,32 @@ def conv_cases(device: torch.device, quick: bool) -> list[Case]:
                                ("conv2d_wgrad", ours_wgrad, [False, True, False])):
             cases.append(Case("conv", op, label, flops, dtype, grad_inputs, {"fastnets": ours, "torch": cudnn(mask)},
                               x_bytes + w_bytes + y_bytes, 0, modes=("fwd",), flops_fwd=flops))
+    cases += _conv_transpose_cases(device, quick)
+    return cases
+
+
+def _conv_transpose_cases(device: torch.device, quick: bool) -> list[Case]:
+    """DCGAN generator up-sampling blocks: 4x4 kernels, stride 2, padding 1, ReLU fused."""
+    cuda = device.type == "cuda"
+    batch, dtype, cl = (128, torch.bfloat16, True) if cuda else (1, torch.float32, False)
+    shapes = ([(512, 256, 8), (256, 128, 16)] if quick else [(512, 256, 8), (256, 128, 16), (128, 64, 32)]) \
+        if cuda else [(8, 4, 4)]
+    es = _size(dtype)
+    cases = []
+    for C, K, H in shapes:
+        P = 2 * H
+        flops = 2 * batch * C * H * H * K * 16    # every input pixel meets every 4x4 tap once
+        nbytes = (batch * C * H * H + C * K * 16 + batch * K * P * P) * es
+
+        def inputs(dev, C=C, K=K, H=H):
+            x = _cl(torch.randn(batch, C, H, H, device=dev, dtype=dtype), cl).requires_grad_()
+            w = (torch.randn(C, K, 4, 4, device=dev, dtype=dtype) / (C * 4) ** 0.5).requires_grad_()
+            return x, w, torch.randn(K, device=dev, dtype=dtype, requires_grad=True)
+
+        impls = {"fastnets": lambda x, w, b: ops.conv_transpose2d(x, w, b, 2, 1, activation="relu"),
+                 **_peers(lambda x, w, b: F.relu(F.conv_transpose2d(x, w, b, 2, 1)), device)}
+        cases.append(Case("conv", "conv_transpose2d_relu", f"{C}>{K} 4x4/2 @{H}", flops, dtype, inputs, impls,
+                          nbytes, 2 * nbytes, flops_fwd=flops, flops_bwd=2 * flops))
     return cases
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -22,6 +23,31 @@ def _check_activation(cls: str, activation: str) -> str:
     if activation not in ops.conv.ACTIVATIONS:
         raise ValueError(f"{cls}: activation must be one of {', '.join(ops.conv.ACTIVATIONS)}, got {activation!r}")
     return activation
+
+
+def _padded(conv: nn.Module, x: Tensor):
+    """(input, padding) for the kernels: padding modes other than zeros pad with torch first,
+    exactly as torch's own modules do, and then convolve without padding."""
+    if conv.padding_mode != "zeros":
+        return F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), 0
+    return x, conv.padding
+
+
+def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """conv's (weight, bias) with the eval-mode BN folded in. Folding reads every weight, so
+    inference reuses the result until a tensor changes (their version counters say so); with
+    autograd recording, or inside torch.compile, it is recomputed every call."""
+    tensors = (conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias)
+    cacheable = not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+    key = tuple(None if t is None else (id(t), t._version) for t in tensors) + (bn.eps,)
+    cached = conv.__dict__.get("_fold_cache")
+    if cacheable and cached is not None and cached[0] == key:
+        return cached[1]
+    folded = ops.fold_conv_bn(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    if cacheable:
+        conv.__dict__["_fold_cache"] = (key, folded)
+    return folded
 
 
 class _Fusion:
@@ -50,20 +76,14 @@ class Conv2d(nn.Conv2d):
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
               residual: Optional[Tensor]) -> Tensor:
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = 0
-        else:
-            padding = self.padding
+        x, padding = _padded(self, x)
         return ops.conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups,
                           activation=activation, residual=residual)
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         fusion = self._fusion
         if fusion is not None and fusion.active():
-            bn = fusion.bn
-            w, b = ops.fold_conv_bn(self.weight, self.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
-            return self._conv(input, w, b, fusion.activation, residual)
+            return self._conv(input, *_folded(self, fusion.bn), fusion.activation, residual)
         return self._conv(input, self.weight, self.bias, self.activation, residual)
 
     def extra_repr(self) -> str:
@@ -80,11 +100,7 @@ class Conv1d(nn.Conv1d):
         self.activation = _check_activation("Conv1d", activation)
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.padding_mode != "zeros":
-            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = 0
-        else:
-            padding = self.padding
+        input, padding = _padded(self, input)
         return ops.conv1d(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
                           activation=self.activation)
 
@@ -190,12 +206,8 @@ def conv_bn_act(conv: nn.Conv2d, bn: nn.Module, x: Tensor, activation: str = "re
     then BN with the activation fused when there is no residual."""
     is_bn = isinstance(bn, nn.BatchNorm2d)
     if not is_bn or (not conv.training and not bn.training and bn.running_mean is not None):
-        w, b = conv.weight, conv.bias
-        if is_bn:
-            w, b = ops.fold_conv_bn(w, b, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
-        pad = conv.padding
-        if conv.padding_mode != "zeros":
-            x, pad = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), 0
+        w, b = _folded(conv, bn) if is_bn else (conv.weight, conv.bias)
+        x, pad = _padded(conv, x)
         return ops.conv2d(x, w, b, conv.stride, pad, conv.dilation, conv.groups, activation=activation,
                           residual=residual)
     y = conv(x)

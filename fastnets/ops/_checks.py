@@ -57,3 +57,11 @@ def rows(t: torch.Tensor, cols: int) -> torch.Tensor:
     """View as (rows, cols) with unit column stride, copying only when the layout needs it."""
     t = t.reshape(-1, cols)
     return t if t.stride(-1) == 1 or cols <= 1 else t.contiguous()
+
+
+def memory_format(t: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-D tensor dense in NHWC order (and not also plain contiguous),
+    else contiguous_format: the layout an op's output keeps."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format

@@ -53,7 +53,7 @@ def _bn_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running
 @_bn_fwd.register_fake
 def _(x, weight, bias, running_mean, running_var, training, eps, activation, slope):
     C = x.shape[1]
-    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    fmt = _checks.memory_format(x)
     stat = lambda: x.new_empty((C,), dtype=_acc(x.dtype))  # noqa: E731
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt), stat(), stat(), stat()
 
@@ -62,7 +62,7 @@ def _(x, weight, bias, running_mean, running_var, training, eps, activation, slo
 def _bn_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, rstd: Tensor,
             training: bool, activation: str, slope: float) -> tuple[Tensor, Tensor, Tensor]:
     scale, shift = _fold(weight, bias, mean, rstd)
-    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    fmt = _checks.memory_format(x)
     dx, dw, db = kernels("batchnorm").bn_bwd(dy.contiguous(memory_format=fmt), x, scale, shift, mean, rstd,
                                              training, activation, slope)
     # Custom-op outputs may not alias each other: a fresh empty for each absent gradient.
@@ -72,7 +72,7 @@ def _bn_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
 
 @_bn_bwd.register_fake
 def _(dy, x, weight, bias, mean, rstd, training, activation, slope):
-    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    fmt = _checks.memory_format(x)
     return (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt),
             torch.empty_like(weight) if weight is not None else x.new_empty((0,)),
             torch.empty_like(bias) if bias is not None else x.new_empty((0,)))
@@ -93,10 +93,6 @@ def _backward(ctx, dy, _m, _r, _v):
 
 
 _bn_fwd.register_autograd(_backward, setup_context=_setup)
-
-
-def _channels_last(t: Tensor) -> bool:
-    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -132,7 +128,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     if backend == "torch" or input.numel() == 0:
         return reference.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                     activation=activation, negative_slope=slope)
-    x = input if (input.is_contiguous() or _channels_last(input)) else input.contiguous()
+    x = input.contiguous(memory_format=_checks.memory_format(input))
     y, mean, _, var = torch.ops.fastnets.batch_norm_fwd(x, weight, bias, running_mean if not training else None,
                                                         running_var if not training else None, training, eps,
                                                         activation, slope)

@@ -88,18 +88,14 @@ def _z_needed(activation: str, slope: float) -> bool:
     return not (activation in ("identity", "relu") or (activation == "leaky_relu" and slope > 0))
 
 
-def _channels_last(t: Tensor) -> bool:
-    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
 def _empty_like_format(x: Tensor, shape, dtype=None) -> Tensor:
-    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    fmt = _checks.memory_format(x)
     return torch.empty(shape, dtype=dtype or x.dtype, device=x.device, memory_format=fmt)
 
 
 def _act_backward(dy: Tensor, saved: Tensor, activation: str, slope: float) -> Tensor:
     """dy * act'(z), with `saved` = z or y (see module docstring), in saved's layout."""
-    fmt = torch.channels_last if _channels_last(saved) else torch.contiguous_format
+    fmt = _checks.memory_format(saved)
     dy = dy.contiguous(memory_format=fmt)
     if fmt == torch.channels_last:
         dy_f, s_f = dy.permute(0, 2, 3, 1), saved.permute(0, 2, 3, 1)

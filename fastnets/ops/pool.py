@@ -21,10 +21,6 @@ _dispatch.register_op("adaptive_avg_pool2d", "adaptive average pooling, incl. gl
 _dispatch.register_op("adaptive_max_pool2d", "adaptive max pooling, incl. global pooling")
 
 
-def _channels_last(t: Tensor) -> bool:
-    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
 @torch.library.custom_op("fastnets::pool2d_fwd", mutates_args=())
 def _pool_fwd(x: Tensor, out_hw: list[int], kernel: list[int], stride: list[int], padding: list[int],
               dilation: list[int], is_max: bool, adaptive: bool, count_include_pad: bool, divisor: int,
@@ -38,7 +34,7 @@ def _pool_fwd(x: Tensor, out_hw: list[int], kernel: list[int], stride: list[int]
 
 @_pool_fwd.register_fake
 def _(x, out_hw, kernel, stride, padding, dilation, is_max, adaptive, count_include_pad, divisor, store_idx):
-    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    fmt = _checks.memory_format(x)
     shape = (*x.shape[:2], *out_hw)
     y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     idx = (torch.empty(shape, dtype=torch.int64, device=x.device, memory_format=fmt) if store_idx
@@ -66,7 +62,8 @@ def _(dy, idx, x_shape, x_channels_last, kernel, stride, padding, dilation, is_m
 def _setup(ctx, inputs, output):
     x, out_hw, kernel, stride, padding, dilation, is_max, adaptive, count_include_pad, divisor, store_idx = inputs
     ctx.save_for_backward(output[1])
-    ctx.args = (list(x.shape), _channels_last(x), kernel, stride, padding, dilation, is_max, adaptive,
+    channels_last = _checks.memory_format(x) == torch.channels_last
+    ctx.args = (list(x.shape), channels_last, kernel, stride, padding, dilation, is_max, adaptive,
                 count_include_pad, divisor)
 
 
@@ -147,7 +144,7 @@ def _adaptive_out(op, x, output_size) -> tuple[int, int]:
 def _run(op, x, unbatched, out_hw, kernel, stride, padding, dilation, *, is_max, adaptive, count_include_pad=True,
          divisor=0, return_indices=False):
     store_idx = is_max and (return_indices or (torch.is_grad_enabled() and x.requires_grad))
-    xin = x if (x.is_contiguous() or _channels_last(x)) else x.contiguous()
+    xin = x.contiguous(memory_format=_checks.memory_format(x))
     y, idx = torch.ops.fastnets.pool2d_fwd(xin, list(out_hw), list(kernel), list(stride), list(padding),
                                            list(dilation), is_max, adaptive, count_include_pad, divisor, store_idx)
     if unbatched:
