@@ -2,10 +2,12 @@
 the fallback for CPU tensors. Each computes in float32 (float64 for float64 input), like
 the kernels, and returns the input's dtype. Autograd differentiates them directly."""
 from .activation import bias_act
+from .attention import attention, scaled_dot_product_attention, varlen_attention
 from .batchnorm import batch_norm
 from .conv import conv1d, conv2d, conv_transpose2d
 from .norm import group_norm, layer_norm, rms_norm
 from .pool import adaptive_avg_pool2d, adaptive_max_pool2d, avg_pool2d, max_pool2d
 
-__all__ = ["adaptive_avg_pool2d", "adaptive_max_pool2d", "avg_pool2d", "batch_norm", "bias_act", "conv1d", "conv2d",
-           "conv_transpose2d", "group_norm", "layer_norm", "max_pool2d", "rms_norm"]
+__all__ = ["adaptive_avg_pool2d", "adaptive_max_pool2d", "attention", "avg_pool2d", "batch_norm", "bias_act", "conv1d",
+           "conv2d", "conv_transpose2d", "group_norm", "layer_norm", "max_pool2d", "rms_norm",
+           "scaled_dot_product_attention", "varlen_attention"]
