@@ -21,12 +21,12 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from fastnets.kernels import _common, activation, batchnorm, conv, norm, pool  # noqa: E402
+from fastnets.kernels import _common, activation, attention, batchnorm, conv, norm, pool  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas")
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-         torch.int64: "i64", torch.int32: "i32"}
+         torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8"}
 
 _common.gpu_launch = lambda device: True   # the GPU launch shapes, on meta tensors
 _common.sm_count = lambda index: 132       # an H100's SM count
@@ -159,18 +159,77 @@ def drive_cnn_launchers():
             pool.pool2d_bwd(y, idx, tuple(x.shape), layout, (3, 3), (2, 2), (1, 1), (1, 1), **kwargs)
 
 
+_fwd_configs, _bwd_configs = attention.fwd_configs, attention.bwd_configs
+
+
+def drive_attention_launchers():
+    """Flash attention: every tile candidate for bf16 at head dim 128 (what the benchmarks
+    tune), the first candidate for the other dtypes, head dims and options."""
+    state = {"all": False}
+    attention.fwd_configs = lambda *a: _fwd_configs(*a) if state["all"] else _fwd_configs(*a)[:1]
+    attention.bwd_configs = lambda *a: _bwd_configs(*a) if state["all"] else _bwd_configs(*a)[:1]
+    U = attention.UNBOUNDED
+
+    def run(q, k, v, mask=None, slopes=None, cu=None, max_s=1024, right=U, left=U, dropout=0.0, bottom_right=True):
+        seed = meta(1, dtype=torch.int64) if dropout else None
+        o, lse = attention.flash_attn_fwd(q, k, v, mask, slopes, cu, cu, max_s, max_s if cu is not None else k.shape[-2],
+                                          0.1, left, right, bottom_right, dropout, seed)
+        if q.shape[-2] > 16 or cu is not None:
+            attention.flash_attn_bwd(o, q, k, v, o, lse, mask, slopes, cu, cu, max_s,
+                                     max_s if cu is not None else k.shape[-2], 0.1, left, right, bottom_right, dropout,
+                                     seed, mask is not None and mask.dtype != torch.bool)
+
+    for dtype, D in itertools.product((torch.bfloat16, torch.float16, torch.float32, torch.float64), (64, 128, 256)):
+        # fp32 (IEEE dots) and fp64 compile slowly: one head dim each keeps the check in CI's budget.
+        if (dtype in (torch.float32, torch.float64) and D != 64) or (dtype == torch.float16 and D != 128):
+            continue
+        state["all"] = dtype == torch.bfloat16 and D == 128
+        q = meta(4, 16, 1024, D, dtype=dtype)
+        for causal in (False, True):
+            run(q, q, q, right=0 if causal else U)
+    state["all"] = False
+    bf = torch.bfloat16
+    q, kv = meta(4, 16, 1024, 128, dtype=bf), meta(4, 4, 1024, 128, dtype=bf)
+    run(q, kv, kv, right=0)                                                          # GQA
+    run(q, q, q, mask=meta(4, 1, 1024, 1024, dtype=torch.bool).expand(4, 16, 1024, 1024))
+    run(q, q, q, mask=meta(1, 16, 1024, 1024, dtype=bf).expand(4, 16, 1024, 1024))    # additive, with its grad
+    run(q, q, q, slopes=meta(16), right=0, left=256)                                 # ALiBi + sliding window
+    run(q, q, q, dropout=0.1, right=0)
+    run(meta(4, 16, 1024, 80, dtype=bf), meta(4, 16, 1024, 80, dtype=bf), meta(4, 16, 1024, 80, dtype=bf))
+    packed = meta(8192, 16, 128, dtype=bf)
+    run(packed, packed, packed, cu=meta(9, dtype=torch.int32), max_s=2048, right=0)  # varlen
+    for dtype in (bf, torch.float16, torch.float32):                                 # decode, GQA 8:1
+        run(meta(8, 32, 1, 128, dtype=dtype), meta(8, 4, 8192, 128, dtype=dtype), meta(8, 4, 8192, 128, dtype=dtype))
+    run(meta(1, 32, 4, 128, dtype=bf), meta(1, 8, 8192, 128, dtype=bf), meta(1, 8, 8192, 128, dtype=bf),
+        mask=meta(1, 1, 1, 8192, dtype=torch.bool).expand(1, 32, 4, 8192), slopes=meta(32), right=0)
+    attention.dropout_keep_mask(meta(1, dtype=torch.int64), 8, 128, 128, 0.1, torch.device("meta"))
+
+
+def _compile(index: int):
+    (name, *_), (fn, signature, constexprs, options) = _items[index]
+    try:
+        compiled = triton.compile(ASTSource(fn, signature, constexprs), target=TARGET, options=options)
+        assert compiled.asm.get("cubin"), "no cubin produced"
+        return None
+    except Exception as exc:  # report every failing specialization, not just the first
+        consts = {k: str(v) for k, v in constexprs.items()}
+        return f"{name} {consts} {options}: {type(exc).__name__}: {str(exc)[:600]}"
+
+
+_items: list = []
+
+
 def main() -> int:
+    import multiprocessing
     drive_launchers()
     drive_cnn_launchers()
-    start, failures = time.perf_counter(), []
-    for (name, *_), (fn, signature, constexprs, options) in sorted(launches.items(), key=lambda kv: kv[0][0]):
-        try:
-            compiled = triton.compile(ASTSource(fn, signature, constexprs), target=TARGET, options=options)
-            assert compiled.asm.get("cubin"), "no cubin produced"
-        except Exception as exc:  # report every failing specialization, not just the first
-            consts = {k: str(v) for k, v in constexprs.items()}
-            failures.append(f"{name} {consts} {options}: {type(exc).__name__}: {str(exc)[:600]}")
-    print(f"compiled {len(launches) - len(failures)}/{len(launches)} kernel specializations for sm_90 "
+    drive_attention_launchers()
+    _items.extend(sorted(launches.items(), key=lambda kv: kv[0][0]))
+    start = time.perf_counter()
+    # Forked workers inherit the recorded launches; compiles are independent and CPU-bound.
+    with multiprocessing.get_context("fork").Pool(max(1, os.cpu_count() or 1)) as pool:
+        failures = [f for f in pool.map(_compile, range(len(_items)), chunksize=1) if f]
+    print(f"compiled {len(_items) - len(failures)}/{len(_items)} kernel specializations for sm_90 "
           f"in {time.perf_counter() - start:.0f} s")
     for f in failures:
         print("FAILED", f)

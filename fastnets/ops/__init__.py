@@ -1,10 +1,12 @@
 """fastnets' functional API. Where torch.nn.functional has the op, the signature is the
 same (fastnets-only options are extra keyword arguments)."""
 from .activation import bias_act
+from .attention import flash_attention, scaled_dot_product_attention
 from .batchnorm import batch_norm, fold_conv_bn
 from .conv import conv1d, conv2d, conv_transpose2d
 from .norm import group_norm, layer_norm, rms_norm
 from .pool import adaptive_avg_pool2d, adaptive_max_pool2d, avg_pool2d, max_pool2d
 
 __all__ = ["adaptive_avg_pool2d", "adaptive_max_pool2d", "avg_pool2d", "batch_norm", "bias_act", "conv1d", "conv2d",
-           "conv_transpose2d", "fold_conv_bn", "group_norm", "layer_norm", "max_pool2d", "rms_norm"]
+           "conv_transpose2d", "flash_attention", "fold_conv_bn", "group_norm", "layer_norm", "max_pool2d", "rms_norm",
+           "scaled_dot_product_attention"]
