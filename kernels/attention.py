@@ -25,14 +25,12 @@ P @ V product as every flash kernel does.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from . import _common
-from ._common import acc_dtype, empty, next_pow2, tuned_launch
+from ._common import empty, next_pow2, tuned_launch
 
 UNBOUNDED = 1 << 30          # a window edge that never binds
 LOG2E = 1.4426950408889634
@@ -144,7 +142,7 @@ def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, lo, hi, q_pos, q_ok, mask_rows
 
 @triton.jit
 def _flash_attn_fwd_kernel(
-    Q, K, V, O, LSE,               # q (B,Hq,Sq,D) / k (B,Hk,Sk,D) / v (B,Hk,Sk,DV) / o like q with DV; LSE float32
+    Q, K, V, OUT, LSE,               # q (B,Hq,Sq,D) / k (B,Hk,Sk,D) / v (B,Hk,Sk,DV) / o like q with DV; LSE float32
     MASK, SLOPES, CU_Q, CU_K, SEED,  # optional: attn_mask (broadcast by 0 strides), ALiBi slopes, cu_seqlens, seed
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,   # strides (last dim has stride 1)
     smb, smh, smi, smj, ssb, ssh, slb, slh,   # mask, slopes and LSE strides
@@ -186,7 +184,6 @@ def _flash_attn_fwd_kernel(
         mask_rows = MASK + b64 * smb + h * smh + offs_m.to(tl.int64) * smi
         ACC: tl.constexpr = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
         s_scale = tl.load(SCALES)
-        sm_scale = tl.load(SCALES + 1)
         log2e = tl.load(SCALES + 2)
         slope = tl.zeros([BLOCK_M], dtype=ACC)
         if HAS_ALIBI:
@@ -213,7 +210,7 @@ def _flash_attn_fwd_kernel(
         if DROPOUT:
             out = out * (1.0 / (1.0 - dropout_p))
         lse = tl.where(empty_row, float("inf"), m_i + tl.math.log2(tl.where(empty_row, 1.0, l_i)))
-        tl.store(O + b64 * sob + h * soh + q_rows[:, None] * sos + offs_dv[None, :], out.to(O.dtype.element_ty),
+        tl.store(OUT + b64 * sob + h * soh + q_rows[:, None] * sos + offs_dv[None, :], out.to(OUT.dtype.element_ty),
                  mask=q_ok[:, None] & (offs_dv[None, :] < DV))
         tl.store(LSE + b64 * slb + h * slh + q_start + offs_m, lse.to(tl.float32), mask=q_ok)
 
@@ -278,7 +275,7 @@ def _flash_attn_decode_kernel(
 
 @triton.jit
 def _flash_attn_combine_kernel(
-    O_PART, LSE_PART, O, LSE,      # partials from the decode kernel; O like q with DV; LSE (B, Hq, Sq) float32
+    O_PART, LSE_PART, OUT, LSE,      # partials from the decode kernel; OUT like q with DV; LSE (B, Hq, Sq) float32
     sob, soh, sos, HK, GROUP, seqlen_q, SPLITS,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, ROWS_STRIDE: tl.constexpr,
 ):
@@ -301,7 +298,7 @@ def _flash_attn_combine_kernel(
     o = tl.load(O_PART + (part[:, None] * ROWS_STRIDE + r) * DV + offs_dv[None, :],
                 mask=s_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     out = tl.sum(o * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(O + b.to(tl.int64) * sob + h * soh + i * sos + offs_dv, out.to(O.dtype.element_ty), mask=offs_dv < DV)
+    tl.store(OUT + b.to(tl.int64) * sob + h * soh + i * sos + offs_dv, out.to(OUT.dtype.element_ty), mask=offs_dv < DV)
     lse_out = tl.where(total == 0.0, float("inf"), m + tl.math.log2(tl.where(total == 0.0, 1.0, total)))
     tl.store(LSE + (b * HK * GROUP + h) * seqlen_q + i, lse_out)
 
@@ -310,7 +307,7 @@ def _flash_attn_combine_kernel(
 
 @triton.jit
 def _flash_attn_bwd_preprocess_kernel(
-    O, DO, DELTA, CU_Q,            # delta = rowsum(dO * O), float32, laid out as the LSE
+    OUT, DO, DELTA, CU_Q,            # delta = rowsum(dO * O), float32, laid out as the LSE
     sob, soh, sos, sdb, sdh, sds, slb, slh, H, seqlen_q_max,
     DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr,
 ):
@@ -330,9 +327,9 @@ def _flash_attn_bwd_preprocess_kernel(
     rows = (q_start + offs_m).to(tl.int64)
     mask = ok[:, None] & (offs_dv[None, :] < DV)
     b64 = b.to(tl.int64)
-    o = tl.load(O + b64 * sob + h * soh + rows[:, None] * sos + offs_dv[None, :], mask=mask, other=0.0)
+    o = tl.load(OUT + b64 * sob + h * soh + rows[:, None] * sos + offs_dv[None, :], mask=mask, other=0.0)
     do = tl.load(DO + b64 * sdb + h * sdh + rows[:, None] * sds + offs_dv[None, :], mask=mask, other=0.0)
-    ACC: tl.constexpr = tl.float64 if O.dtype.element_ty == tl.float64 else tl.float32
+    ACC: tl.constexpr = tl.float64 if OUT.dtype.element_ty == tl.float64 else tl.float32
     delta = tl.sum(o.to(ACC) * do.to(ACC), 1)
     tl.store(DELTA + b64 * slb + h * slh + q_start + offs_m, delta.to(DELTA.dtype.element_ty), mask=ok)
 
