@@ -5,8 +5,9 @@ from .attention import flash_attention, scaled_dot_product_attention
 from .batchnorm import batch_norm, fold_conv_bn
 from .conv import conv1d, conv2d, conv_transpose2d
 from .norm import group_norm, layer_norm, rms_norm
+from .rope import apply_rotary_emb, rope
 from .pool import adaptive_avg_pool2d, adaptive_max_pool2d, avg_pool2d, max_pool2d
 
-__all__ = ["adaptive_avg_pool2d", "adaptive_max_pool2d", "avg_pool2d", "batch_norm", "bias_act", "conv1d", "conv2d",
+__all__ = ["adaptive_avg_pool2d", "adaptive_max_pool2d", "apply_rotary_emb", "avg_pool2d", "batch_norm", "bias_act", "conv1d", "conv2d",
            "conv_transpose2d", "flash_attention", "fold_conv_bn", "group_norm", "layer_norm", "max_pool2d", "rms_norm",
-           "scaled_dot_product_attention"]
+           "rope", "scaled_dot_product_attention"]

@@ -1,0 +1,68 @@
+"""Rotary embedding: both conventions, partial rotary, position_ids, per-token tables,
+(B, S, H, D) layout, forward and backward against the float64 reference, errors."""
+import pytest
+import torch
+
+from fastnets import ops, reference
+from helpers import DEVICE, check_op, expect_backend
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("shape,rotary_dim", [((2, 3, 17, 32), 32), ((1, 2, 9, 80), 40), ((2, 1, 5, 24), 24)])
+def test_rope(shape, rotary_dim, interleaved, dtype):
+    cos, sin = reference.rope_cos_sin(40, rotary_dim, device=DEVICE)
+    x = torch.randn(shape, device=DEVICE).to(dtype)
+    kw = dict(interleaved=interleaved, seqlen_offset=3)
+    check_op("apply_rotary_emb", lambda x: ops.apply_rotary_emb(x, cos, sin, **kw),
+             lambda x: reference.apply_rotary_emb(x, cos, sin, **kw), [x], dtype,
+             peer=lambda x: reference.apply_rotary_emb(x.float(), cos, sin, **kw).to(dtype))
+
+
+def test_rope_position_ids_and_bshd():
+    B, S, H, D = 2, 7, 3, 16
+    cos, sin = reference.rope_cos_sin(64, D, device=DEVICE)
+    pos = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [0, 0, 1, 2, 3, 4, 5]], device=DEVICE)  # left-padded row 2
+    x = torch.randn(B, S, H, D, device=DEVICE)
+    kw = dict(position_ids=pos, layout="bshd")
+    check_op("apply_rotary_emb", lambda x: ops.apply_rotary_emb(x, cos, sin, **kw),
+             lambda x: reference.apply_rotary_emb(x, cos, sin, **kw), [x], torch.float32)
+    assert ops.apply_rotary_emb(x, cos, sin, **kw).is_contiguous()
+
+
+def test_rope_per_token_tables_and_pair():
+    B, H, S, D = 2, 2, 6, 16
+    cos, sin = reference.rope_cos_sin(S, D, device=DEVICE)
+    cos3, sin3 = cos.expand(B, S, D // 2), sin.expand(B, S, D // 2)
+    q, k = torch.randn(B, H, S, D, device=DEVICE), torch.randn(B, 1, S, D, device=DEVICE)
+    with expect_backend("apply_rotary_emb"):
+        qr, kr = ops.rope(q, k, cos3, sin3)
+    torch.testing.assert_close(qr, reference.apply_rotary_emb(q, cos, sin))
+    torch.testing.assert_close(kr, reference.apply_rotary_emb(k, cos, sin))
+
+
+def test_rope_preserves_norm_and_inverts():
+    """A rotation keeps each pair's norm; its backward (the inverse rotation) undoes it."""
+    cos, sin = reference.rope_cos_sin(9, 32, device=DEVICE)
+    x = torch.randn(1, 2, 9, 32, device=DEVICE, requires_grad=True)
+    y = ops.apply_rotary_emb(x, cos, sin)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
+    (g,) = torch.autograd.grad(y, x, y.detach())
+    torch.testing.assert_close(g, x.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_rope_errors():
+    cos, sin = reference.rope_cos_sin(8, 16, device=DEVICE)
+    x = torch.randn(1, 2, 8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="R <= head dim"):
+        ops.apply_rotary_emb(x[..., :8], cos, sin)
+    with pytest.raises(ValueError, match="positions up to"):
+        ops.apply_rotary_emb(x, cos, sin, seqlen_offset=1)
+    with pytest.raises(ValueError, match="shapes differ"):
+        ops.apply_rotary_emb(x, cos, sin[:4])
+    with pytest.raises(ValueError, match="position_ids must be int"):
+        ops.apply_rotary_emb(x, cos, sin, position_ids=torch.zeros(3, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match="4-D"):
+        ops.apply_rotary_emb(x[0], cos, sin)
