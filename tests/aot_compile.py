@@ -21,7 +21,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from fastnets.kernels import _common, activation, attention, batchnorm, conv, norm, pool  # noqa: E402
+from fastnets.kernels import _common, activation, attention, batchnorm, conv, loss, norm, pool, rope  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas")
@@ -205,6 +205,23 @@ def drive_attention_launchers():
     attention.dropout_keep_mask(meta(1, dtype=torch.int64), 8, 128, 128, 0.1, torch.device("meta"))
 
 
+def drive_transformer_launchers():
+    """Rotary embedding and the cross-entropy kernels."""
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        cos = meta(4096, 64)
+        x = meta(4, 32, 2048, 128, dtype=dtype)
+        for interleaved, conj in ((False, False), (True, True)):
+            rope.rope(x, cos, cos, None, 0, interleaved, conj)
+        rope.rope(meta(4, 2048, 32, 80, dtype=dtype).transpose(1, 2), meta(4096, 20), meta(4096, 20),
+                  meta(4, 2048, dtype=torch.int64), 0, False, False)
+        logits, t = meta(4096, 50257, dtype=dtype), meta(4096, dtype=torch.int64)
+        for weight in (None, meta(50257)):
+            wsum = meta(1) if weight is not None else None
+            _, lse = loss.cross_entropy_fwd(logits, t, weight, wsum, -100, 0.1, 1e-4)
+            loss.cross_entropy_bwd(meta(4096), logits, t, weight, wsum, lse, -100, 0.1, 1e-4)
+            loss.cross_entropy_fwd_grad_(logits, t, weight, wsum, meta(1), -100, 0.0, 0.0)
+
+
 def _compile(index: int):
     (name, *_), (fn, signature, constexprs, options) = _items[index]
     try:
@@ -224,6 +241,7 @@ def main() -> int:
     drive_launchers()
     drive_cnn_launchers()
     drive_attention_launchers()
+    drive_transformer_launchers()
     _items.extend(sorted(launches.items(), key=lambda kv: kv[0][0]))
     start = time.perf_counter()
     # Forked workers inherit the recorded launches; compiles are independent and CPU-bound.

@@ -1,0 +1,330 @@
+"""cross_entropy (F.cross_entropy's signature plus a z-loss) and linear_cross_entropy (the LM
+head's matmul fused with the loss, chunked over tokens so the (tokens, vocab) logits never
+exist in full).
+
+Both stream the vocabulary through kernels/loss.py in float32 whatever the input dtype.
+linear_cross_entropy computes the gradients of the input, weight and bias during the
+forward pass (a chunk's logits are overwritten by their gradient, used for dx and dW, and
+freed), accumulating dW and dbias across chunks in float32; the backward only scales them
+by the upstream gradient. With reduction="none" the per-row upstream gradients are only
+known in the backward, which then recomputes each chunk's logits instead.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch, reference
+from . import _checks
+from ._registry import kernels
+
+_dispatch.register_op("cross_entropy", "softmax cross-entropy chunked over the vocabulary: ignore_index, "
+                                       "label_smoothing, class weights, z-loss")
+_dispatch.register_op("linear_cross_entropy", "LM head matmul + cross-entropy, chunked over tokens, fp32 dW")
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+# --- custom ops ------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastnets::cross_entropy_fwd", mutates_args=())
+def _ce_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], wsum: Optional[Tensor], ignore_index: int,
+            eps: float, z_loss: float) -> tuple[Tensor, Tensor]:
+    return kernels("loss").cross_entropy_fwd(logits, target, weight, wsum, ignore_index, eps, z_loss)
+
+
+@_ce_fwd.register_fake
+def _(logits, target, weight, wsum, ignore_index, eps, z_loss):
+    n = logits.shape[0]
+    return logits.new_empty((n,), dtype=torch.float32), logits.new_empty((n,), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastnets::cross_entropy_bwd", mutates_args=())
+def _ce_bwd(grad: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor], wsum: Optional[Tensor],
+            lse: Tensor, ignore_index: int, eps: float, z_loss: float) -> Tensor:
+    return kernels("loss").cross_entropy_bwd(grad, logits, target, weight, wsum, lse, ignore_index, eps, z_loss)
+
+
+@_ce_bwd.register_fake
+def _(grad, logits, target, weight, wsum, lse, ignore_index, eps, z_loss):
+    return torch.empty_like(logits)
+
+
+@torch.library.custom_op("fastnets::cross_entropy_fwd_grad_", mutates_args=("logits",))
+def _ce_fwd_grad_(logits: Tensor, target: Tensor, weight: Optional[Tensor], wsum: Optional[Tensor],
+                  grad_scale: Tensor, ignore_index: int, eps: float, z_loss: float) -> tuple[Tensor, Tensor]:
+    return kernels("loss").cross_entropy_fwd_grad_(logits, target, weight, wsum, grad_scale, ignore_index, eps,
+                                                   z_loss)
+
+
+@_ce_fwd_grad_.register_fake
+def _(logits, target, weight, wsum, grad_scale, ignore_index, eps, z_loss):
+    n = logits.shape[0]
+    return logits.new_empty((n,), dtype=torch.float32), logits.new_empty((n,), dtype=torch.float32)
+
+
+def _ce_setup(ctx, inputs, output):
+    logits, target, weight, wsum, ignore_index, eps, z_loss = inputs
+    ctx.save_for_backward(logits, target, weight, wsum, output[1])
+    ctx.args = (ignore_index, eps, z_loss)
+
+
+def _ce_backward(ctx, dloss, _dlse):
+    logits, target, weight, wsum, lse = ctx.saved_tensors
+    dlogits = torch.ops.fastnets.cross_entropy_bwd(dloss, logits, target, weight, wsum, lse, *ctx.args)
+    return dlogits, None, None, None, None, None, None
+
+
+_ce_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
+
+
+# --- validation --------------------------------------------------------------------------------------
+
+def _reduction(op: str, size_average, reduce, reduction: str) -> str:
+    if size_average is not None or reduce is not None:
+        from torch.nn import _reduction as legacy
+        return legacy.legacy_get_string(size_average, reduce, emit_warning=True)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    return reduction
+
+
+def _check_target(op: str, target, n_rows: int, V: int, ignore_index: int, device) -> Tensor:
+    if not isinstance(target, Tensor):
+        raise TypeError(f"{op}: target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"{op}: target must hold integer class indices, got {target.dtype}")
+    if target.device != device:
+        raise ValueError(f"{op}: target is on {target.device} but input is on {device}")
+    if target.numel() != n_rows:
+        raise ValueError(f"{op}: target has {target.numel()} entries for {n_rows} rows of logits")
+    target = target.reshape(-1).to(torch.int64)
+    # One host check (a sync) instead of an out-of-bounds read on the device.
+    if n_rows and not torch.compiler.is_compiling():
+        bad = (target != ignore_index) & ((target < 0) | (target >= V))
+        if bool(bad.any()):
+            raise ValueError(f"{op}: target holds class {int(target[bad][0])}, outside [0, {V}) and not "
+                             f"ignore_index={ignore_index}")
+    return target
+
+
+def _class_weight(op: str, name: str, weight, V: int, like: Tensor):
+    if weight is None:
+        return None, None
+    _checks.tensor(op, name, weight)
+    if tuple(weight.shape) != (V,):
+        raise ValueError(f"{op}: {name} must have shape ({V},), got {tuple(weight.shape)}")
+    if weight.device != like.device:
+        raise ValueError(f"{op}: {name} is on {weight.device} but input is on {like.device}")
+    weight = weight.detach().contiguous()
+    return weight, weight.float().sum().reshape(1)
+
+
+def _denominator(target: Tensor, weight: Optional[Tensor], ignore_index: int) -> Tensor:
+    valid = target != ignore_index
+    if weight is None:
+        return valid.sum().float()
+    return (weight.float()[target.clamp(0, weight.numel() - 1)] * valid).sum()
+
+
+def _reduce(rows: Tensor, target: Tensor, weight, ignore_index: int, reduction: str, dtype) -> Tensor:
+    if reduction == "none":
+        return rows.to(dtype)
+    if reduction == "sum":
+        return rows.sum().to(dtype)
+    return (rows.sum() / _denominator(target, weight, ignore_index)).to(dtype)
+
+
+def _smoothing(op: str, label_smoothing, z_loss) -> tuple[float, float]:
+    eps = _checks.number(op, "label_smoothing", label_smoothing)
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {eps}")
+    return eps, _checks.number(op, "z_loss", z_loss, min_value=0.0)
+
+
+# --- public API ----------------------------------------------------------------------------------------
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average=None,
+                  ignore_index: int = -100, reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *,
+                  z_loss: float = 0.0) -> Tensor:
+    """``F.cross_entropy`` with class-index targets, plus an optional z-loss.
+
+    input: (N, C), (C,) or (N, C, d1, ...) logits, fp16 / bf16 / fp32 / fp64; target: class
+    indices of shape (N,), () or (N, d1, ...); ignore_index rows add nothing and get zero
+    gradient. weight: (C,) class weights; label_smoothing in [0, 1] (torch's formula,
+    weights included). z_loss: adds ``z_loss * logsumexp(logits)^2`` per non-ignored row
+    (PaLM's stabilizer), reduced like the loss. reduction "mean" divides by the summed
+    weights of the non-ignored targets (NaN when every row is ignored, as torch).
+    The loss has input's dtype (float32 under autocast, as torch); all arithmetic is float32.
+    Probability (float) targets fall back to the torch reference with a warning.
+    Backward: input. Backends: triton (CUDA), interpret (CPU + TRITON_INTERPRET=1), torch.
+    """
+    op = "cross_entropy"
+    _checks.tensor(op, "input", input)
+    reduction = _reduction(op, size_average, reduce, reduction)
+    eps, z_loss = _smoothing(op, label_smoothing, z_loss)
+    if input.dim() == 0:
+        raise ValueError(f"{op}: input must have a class dimension, got a 0-D tensor")
+    C = input.shape[0] if input.dim() == 1 else input.shape[1]
+    weight, wsum = _class_weight(op, "weight", weight, C, input)
+    if isinstance(target, Tensor) and target.is_floating_point():
+        _dispatch.warn_once((op, "soft"), f"fastnets.{op}: probability targets run on the torch reference")
+        import torch.nn.functional as F
+        return F.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
+                               label_smoothing=eps)
+    out_dtype = torch.float32 if (input.device.type in ("cuda", "cpu")
+                                  and torch.is_autocast_enabled(input.device.type)) else input.dtype
+    if input.dim() == 1:
+        logits, tshape = input.unsqueeze(0), ()
+    elif input.dim() == 2:
+        logits, tshape = input, (input.shape[0],)
+    else:
+        logits, tshape = input.movedim(1, -1).reshape(-1, C), (input.shape[0], *input.shape[2:])
+    if isinstance(target, Tensor) and tuple(target.shape) != tuple(tshape):
+        raise ValueError(f"{op}: target must have shape {tuple(tshape)} for input of shape {tuple(input.shape)}, "
+                         f"got {tuple(target.shape)}")
+    flat_target = _check_target(op, target, logits.shape[0], C, ignore_index, input.device)
+    if _dispatch.choose(op, input.device) == "torch":
+        return reference.cross_entropy(input, target, weight, ignore_index, reduction, eps, z_loss).to(out_dtype)
+    logits = _checks.rows(logits, C)
+    rows, _ = torch.ops.fastnets.cross_entropy_fwd(logits, flat_target, weight, wsum, int(ignore_index), eps, z_loss)
+    out = _reduce(rows, flat_target, weight, ignore_index, reduction, out_dtype)
+    return out.view(tshape) if reduction == "none" else out
+
+
+def _chunk_rows(n: int, hidden: int, vocab: int) -> int:
+    """Rows per chunk: a chunk of logits about the size of the input itself (Liger's rule),
+    a power of two, at least 1."""
+    per = max(1, -(-vocab // max(1, hidden)))
+    return max(1, min(n, 1 << max(0, (-(-n // per) - 1).bit_length())))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, target, class_weight, wsum, ignore_index, reduction, eps, z_loss, chunk):
+        N, _ = x.shape
+        needs = ctx.needs_input_grad[:3]
+        precompute = any(needs) and reduction != "none"
+        denom = _denominator(target, class_weight, ignore_index)
+        scale = (1.0 / denom if reduction == "mean" else torch.ones((), device=x.device)).reshape(1).float()
+        rows = x.new_empty((N,), dtype=torch.float32)
+        lse = x.new_empty((N,), dtype=torch.float32)
+        dx = torch.empty_like(x) if precompute and needs[0] else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if precompute and needs[1] else None
+        db = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device) if precompute and needs[2] else None
+        for s in range(0, N, chunk):
+            e = min(N, s + chunk)
+            xc = x[s:e]
+            logits = torch.addmm(bias, xc, weight.t()) if bias is not None else xc @ weight.t()
+            if precompute:
+                # logits become d(loss)/d(logits) * scale, in place.
+                r, ls = torch.ops.fastnets.cross_entropy_fwd_grad_(logits, target[s:e], class_weight, wsum, scale,
+                                                                   ignore_index, eps, z_loss)
+                if dx is not None:
+                    torch.mm(logits, weight, out=dx[s:e])
+                if dw is not None:
+                    # One rounding per chunk inside the GEMM; the running sum is float32.
+                    dw += (logits.t() @ xc).float()
+                if db is not None:
+                    db += logits.float().sum(0)
+            else:
+                r, ls = torch.ops.fastnets.cross_entropy_fwd(logits, target[s:e], class_weight, wsum, ignore_index,
+                                                             eps, z_loss)
+            rows[s:e] = r
+            lse[s:e] = ls
+            del logits
+        ctx.precompute, ctx.chunk = precompute, chunk
+        ctx.args = (ignore_index, eps, z_loss)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        if precompute:
+            ctx.save_for_backward(dx, dw, db)
+        else:
+            ctx.save_for_backward(x, weight, bias, target, class_weight, wsum, lse)
+        if reduction == "none":
+            return rows.to(x.dtype)
+        total = rows.sum()
+        return (total / denom if reduction == "mean" else total).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        needs = ctx.needs_input_grad[:3]
+        w_dtype, b_dtype = ctx.dtypes
+        if ctx.precompute:
+            dx, dw, db = ctx.saved_tensors
+            g = g.float()
+            return ((dx * g.to(dx.dtype)) if needs[0] else None, (dw * g).to(w_dtype) if needs[1] else None,
+                    (db * g).to(b_dtype) if needs[2] else None, None, None, None, None, None, None, None, None)
+        x, weight, bias, target, class_weight, wsum, lse = ctx.saved_tensors
+        N, chunk = x.shape[0], ctx.chunk
+        dx = torch.empty_like(x) if needs[0] else None
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if needs[1] else None
+        db = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device) if needs[2] else None
+        g = g.float()
+        for s in range(0, N, chunk):
+            e = min(N, s + chunk)
+            xc = x[s:e]
+            logits = torch.addmm(bias, xc, weight.t()) if bias is not None else xc @ weight.t()
+            dlogits = torch.ops.fastnets.cross_entropy_bwd(g[s:e], logits, target[s:e], class_weight, wsum,
+                                                           lse[s:e], *ctx.args)
+            del logits
+            if dx is not None:
+                torch.mm(dlogits, weight, out=dx[s:e])
+            if dw is not None:
+                dw += (dlogits.t() @ xc).float()
+            if db is not None:
+                db += dlogits.float().sum(0)
+        return (dx, dw.to(w_dtype) if dw is not None else None, db.to(b_dtype) if db is not None else None,
+                None, None, None, None, None, None, None, None)
+
+
+def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
+                         ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0, *,
+                         z_loss: float = 0.0, class_weight: Optional[Tensor] = None,
+                         chunk_size: Optional[int] = None) -> Tensor:
+    """``cross_entropy(input @ weight.T + bias, target)`` without the full logits in memory.
+
+    input: (..., H) hidden states; weight: (V, H) (the LM head / tied embedding); bias: (V,)
+    or None; target: (...) class indices. Other options as ``cross_entropy``.
+    chunk_size: rows per chunk (default: chunks whose logits are about as large as input).
+    Peak extra memory is one chunk of logits plus a float32 (V, H) gradient accumulator,
+    instead of (rows, V) logits, their float32 softmax and their gradient.
+    Backward: input, weight, bias (weight / bias gradients summed over chunks in float32).
+    Under autocast the matmuls run in the autocast dtype, as the unfused torch step.
+    """
+    op = "linear_cross_entropy"
+    _checks.tensor(op, "input", input, min_dim=1)
+    _checks.tensor(op, "weight", weight)
+    if weight.dim() != 2 or weight.shape[1] != input.shape[-1]:
+        raise ValueError(f"{op}: weight must be (vocab, {input.shape[-1]}), got {tuple(weight.shape)}")
+    if weight.device != input.device:
+        raise ValueError(f"{op}: weight is on {weight.device} but input is on {input.device}")
+    V, H = weight.shape
+    bias = _checks.optional_param(op, "bias", bias, like=input, shape=(V,))
+    if input.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(input.device.type):
+        dt = torch.get_autocast_dtype(input.device.type)
+        input, weight = input.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    if weight.dtype != input.dtype or (bias is not None and bias.dtype != input.dtype):
+        raise TypeError(f"{op}: input, weight and bias must share a dtype, got {input.dtype}, {weight.dtype}"
+                        + (f", {bias.dtype}" if bias is not None else ""))
+    reduction = _reduction(op, None, None, reduction)
+    eps, z_loss = _smoothing(op, label_smoothing, z_loss)
+    x = input.reshape(-1, H)
+    if isinstance(target, Tensor) and tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(f"{op}: target must have shape {tuple(input.shape[:-1])}, got {tuple(target.shape)}")
+    flat_target = _check_target(op, target, x.shape[0], V, ignore_index, input.device)
+    class_weight, wsum = _class_weight(op, "class_weight", class_weight, V, input)
+    if chunk_size is None:
+        chunk_size = _chunk_rows(x.shape[0], H, V)
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
+    if _dispatch.choose(op, input.device) == "torch":
+        return reference.linear_cross_entropy(input, weight, target, bias, ignore_index, reduction, eps, z_loss,
+                                              class_weight)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    with torch.autocast(input.device.type, enabled=False):
+        out = _LinearCrossEntropy.apply(x, weight, bias, flat_target, class_weight, wsum, int(ignore_index),
+                                        reduction, eps, z_loss, int(chunk_size))
+    return out.view(input.shape[:-1]) if reduction == "none" else out
