@@ -25,6 +25,10 @@ SWAP_TABLE: dict[type, type] = {
     nn.AvgPool2d: fnn.AvgPool2d,
     nn.AdaptiveAvgPool2d: fnn.AdaptiveAvgPool2d,
     nn.AdaptiveMaxPool2d: fnn.AdaptiveMaxPool2d,
+    nn.MultiheadAttention: fnn.MultiheadAttention,
+    nn.TransformerEncoderLayer: fnn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer: fnn.TransformerDecoderLayer,
+    nn.CrossEntropyLoss: fnn.CrossEntropyLoss,
 }
 # Swapped only as part of a fused Conv2d -> BatchNorm2d -> ReLU chain (see fastnets.fusion).
 _CHAIN_ONLY = {nn.ReLU: fnn.ReLU}
@@ -81,7 +85,7 @@ def _walk(model: nn.Module, table: dict, include, exclude) -> SwapReport:
                 new = _rebind(module, table[cls])
                 report.replaced.append((name, f"{cls.__module__}.{cls.__qualname__}",
                                         f"{table[cls].__module__}.{table[cls].__qualname__}"))
-                return new
+                module = new   # and on into its children (a transformer layer's attention and norms)
         elif any(issubclass(cls, base) for base in table) and cls not in table.values():
             report.skipped.append((name, cls.__name__, "subclass of a swappable class; its forward may differ"))
         for child_name, child in list(module.named_children()):

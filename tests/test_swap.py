@@ -23,15 +23,18 @@ def test_swap_transformer_encoder_matches_and_shares_parameters():
     keys_before = list(model.state_dict())
     report = fastnets.swap(model)
     assert report.model is model
-    assert len(report.replaced) == 5  # 2 layers x (norm1, norm2) + the final norm
+    assert len(report.replaced) == 9  # 2 x (layer, self_attn, norm1, norm2) + the final norm
     assert all(isinstance(m, fnn.LayerNorm) for n, m in model.named_modules() if "norm" in n.split(".")[-1])
+    assert all(type(layer) is fnn.TransformerEncoderLayer for layer in model.layers)
+    assert all(type(layer.self_attn) is fnn.MultiheadAttention for layer in model.layers)
     assert list(model.state_dict()) == keys_before
     assert all(p is params_before[n] for n, p in model.named_parameters())  # same Parameter objects
-    with expect_backend("layer_norm"):
+    with expect_backend("layer_norm"), expect_backend("scaled_dot_product_attention"), expect_backend("bias_act"):
         after = model(x)
     assert_close(after, before.double(), torch.float32, "encoder output after swap")
     fastnets.unswap(model)
-    assert not any(isinstance(m, fnn.LayerNorm) for m in model.modules())
+    assert not any(isinstance(m, (fnn.LayerNorm, fnn.MultiheadAttention, fnn.TransformerEncoderLayer))
+                   for m in model.modules())
     assert all(p is params_before[n] for n, p in model.named_parameters())
 
 

@@ -1,0 +1,178 @@
+"""MultiheadAttention, TransformerEncoderLayer and TransformerDecoderLayer on the flash
+kernels, and CrossEntropyLoss on the fused cross-entropy kernel. Each subclasses the torch
+class it replaces: same constructor, attributes and state_dict keys."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import _dispatch, ops
+from .norm import LayerNorm
+
+
+def _as_attend_mask(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """torch.nn.MultiheadAttention's masks (bool True = do NOT attend, float = added) as an
+    SDPA mask (bool True = attend, float = added)."""
+    if mask is None:
+        return None
+    return ~mask if mask.dtype == torch.bool else mask.to(dtype)
+
+
+def _merge_masks(attn_mask, key_padding_mask, N: int, H: int, L: int, S: int, dtype):
+    """One SDPA mask broadcastable to (N, H, L, S), or None."""
+    am = _as_attend_mask(attn_mask, dtype)
+    if am is not None:
+        am = am.view(1, 1, L, S) if am.dim() == 2 else am.view(N, H, L, S)
+    kpm = _as_attend_mask(key_padding_mask, dtype)
+    if kpm is not None:
+        kpm = kpm.view(N, 1, 1, S)
+    if am is None or kpm is None:
+        return am if kpm is None else kpm
+    if am.dtype == torch.bool and kpm.dtype == torch.bool:
+        return am & kpm
+    as_float = lambda m: (torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, float("-inf"))  # noqa: E731
+                          if m.dtype == torch.bool else m)
+    return as_float(am) + as_float(kpm)
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    """``torch.nn.MultiheadAttention`` with the attention itself on fastnets' flash kernels.
+
+    Fast path: ``need_weights=False`` (what TransformerEncoderLayer / DecoderLayer pass).
+    ``need_weights=True`` (torch's default), ``add_bias_kv`` and ``add_zero_attn`` need
+    the attention matrix or extra tokens and run torch's implementation, with a warning
+    once. Masks follow torch's convention (bool True = masked out). Rows whose keys are
+    all masked give zeros rather than torch's NaN.
+    """
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        if need_weights or self.bias_k is not None or self.add_zero_attn:
+            why = "need_weights=True" if need_weights else "add_bias_kv / add_zero_attn"
+            _dispatch.warn_once(("MultiheadAttention", why), f"fastnets.nn.MultiheadAttention: {why} runs torch's "
+                                "implementation (pass need_weights=False for the flash kernels)")
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                   is_causal=is_causal)
+        if is_causal and attn_mask is None:
+            raise RuntimeError("MultiheadAttention: is_causal is a hint that attn_mask is the causal mask; "
+                               "pass attn_mask too (as torch)")
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        if self.batch_first and not unbatched:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        # (L, N, E) from here on, torch's internal layout.
+        L, N, E = query.shape
+        S = key.shape[0]
+        H, Dh = self.num_heads, self.head_dim
+        b = self.in_proj_bias
+        if self._qkv_same_embed_dim:
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        b_q, b_k, b_v = b.chunk(3) if b is not None else (None, None, None)
+        if query is key and key is value and self._qkv_same_embed_dim:
+            q, k, v = F.linear(query, self.in_proj_weight, b).chunk(3, dim=-1)   # self-attention: one GEMM
+        else:
+            q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+        # (L, N, E) -> (N, H, L, Dh) as strided views: the kernels take any head/seq strides.
+        q = q.reshape(L, N, H, Dh).permute(1, 2, 0, 3)
+        k = k.reshape(S, N, H, Dh).permute(1, 2, 0, 3)
+        v = v.reshape(S, N, H, Dh).permute(1, 2, 0, 3)
+        causal = is_causal and key_padding_mask is None
+        mask = None if causal else _merge_masks(attn_mask, key_padding_mask, N, H, L, S, q.dtype)
+        out = ops.scaled_dot_product_attention(q, k, v, mask, self.dropout if self.training else 0.0,
+                                               is_causal=causal)
+        out = out.permute(2, 0, 1, 3).reshape(L, N, E)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        if unbatched:
+            return out.squeeze(1), None
+        return (out.transpose(0, 1) if self.batch_first else out), None
+
+
+def _activation_name(activation) -> Optional[str]:
+    """The fused bias_act name for torch's activation argument, or None (run it as given)."""
+    if activation in ("relu", F.relu) or isinstance(activation, nn.ReLU):
+        return "relu"
+    if activation in ("gelu", F.gelu) or (isinstance(activation, nn.GELU) and activation.approximate == "none"):
+        return "gelu"
+    if isinstance(activation, nn.GELU) and activation.approximate == "tanh":
+        return "gelu_tanh"
+    if activation in (F.silu,) or isinstance(activation, nn.SiLU):
+        return "silu"
+    return None
+
+
+def _to_fast(layer: nn.Module) -> None:
+    """Give a freshly built torch transformer layer fastnets attention and norms, in place
+    (the same Parameter objects: subclasses without extra state)."""
+    for name, child in layer.named_children():
+        if type(child) is nn.MultiheadAttention:
+            child.__class__ = MultiheadAttention
+        elif type(child) is nn.LayerNorm:
+            child.__class__ = LayerNorm
+
+
+class _FeedForward:
+    def _ff_block(self, x: Tensor) -> Tensor:
+        act = _activation_name(self.activation)
+        if act is None:
+            h = self.activation(self.linear1(x))
+        else:
+            # linear1's bias and the activation in one kernel after a bias-free GEMM.
+            h = ops.bias_act(F.linear(x, self.linear1.weight), self.linear1.bias, act)
+        return self.dropout2(self.linear2(self.dropout(h)))
+
+
+class TransformerEncoderLayer(_FeedForward, nn.TransformerEncoderLayer):
+    """``torch.nn.TransformerEncoderLayer`` on fastnets attention, LayerNorm and a fused
+    bias + activation in the feed-forward block. Same arguments; torch's inference fast
+    path (nested tensors) is not used."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _to_fast(self)
+
+    def forward(self, src: Tensor, src_mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
+                is_causal: bool = False) -> Tensor:
+        if src.is_nested:   # torch.nn.TransformerEncoder's inference fast path hands over nested tensors
+            return super().forward(src, src_mask, src_key_padding_mask, is_causal)
+        x = src
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+            x = x + self._ff_block(self.norm2(x))
+        else:
+            x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+            x = self.norm2(x + self._ff_block(x))
+        return x
+
+
+class TransformerDecoderLayer(_FeedForward, nn.TransformerDecoderLayer):
+    """``torch.nn.TransformerDecoderLayer`` on fastnets attention (self and cross), LayerNorm
+    and a fused bias + activation in the feed-forward block."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _to_fast(self)
+
+
+class CrossEntropyLoss(nn.CrossEntropyLoss):
+    """``torch.nn.CrossEntropyLoss`` on the chunked cross-entropy kernel. Extra keyword
+    ``z_loss`` (default 0): adds ``z_loss * logsumexp(logits)^2`` per row."""
+
+    z_loss: float = 0.0
+
+    def __init__(self, *args, z_loss: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.z_loss = float(z_loss)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return ops.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                                 reduction=self.reduction, label_smoothing=self.label_smoothing, z_loss=self.z_loss)
