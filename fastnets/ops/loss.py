@@ -148,7 +148,7 @@ def _smoothing(op: str, label_smoothing, z_loss) -> tuple[float, float]:
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, size_average=None,
                   ignore_index: int = -100, reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *,
-                  z_loss: float = 0.0) -> Tensor:
+                  z_loss: float = 0.0, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``F.cross_entropy`` with class-index targets, plus an optional z-loss.
 
     input: (N, C), (C,) or (N, C, d1, ...) logits, fp16 / bf16 / fp32 / fp64; target: class
@@ -157,7 +157,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     weights included). z_loss: adds ``z_loss * logsumexp(logits)^2`` per non-ignored row
     (PaLM's stabilizer), reduced like the loss. reduction "mean" divides by the summed
     weights of the non-ignored targets (NaN when every row is ignored, as torch).
-    The loss has input's dtype (float32 under autocast, as torch); all arithmetic is float32.
+    The loss has input's dtype (float32 under autocast, as torch) unless out_dtype is given
+    (e.g. float32 for bf16 logits, skipping a rounding); all arithmetic is float32.
     Probability (float) targets fall back to the torch reference with a warning.
     Backward: input. Backends: triton (CUDA), interpret (CPU + TRITON_INTERPRET=1), torch.
     """
@@ -174,8 +175,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         import torch.nn.functional as F
         return F.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
                                label_smoothing=eps)
-    out_dtype = torch.float32 if (input.device.type in ("cuda", "cpu")
-                                  and torch.is_autocast_enabled(input.device.type)) else input.dtype
+    if out_dtype is None:
+        out_dtype = torch.float32 if (input.device.type in ("cuda", "cpu")
+                                      and torch.is_autocast_enabled(input.device.type)) else input.dtype
     if input.dim() == 1:
         logits, tshape = input.unsqueeze(0), ()
     elif input.dim() == 2:
