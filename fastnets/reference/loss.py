@@ -13,7 +13,8 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     """F.cross_entropy over class indices plus ``z_loss * logsumexp(x)^2`` per (non-ignored) row.
     input (N, C) or (N, C, d...); mean divides by the summed target-class weights, as torch."""
     x = _acc(input)
-    rows = F.cross_entropy(x, target, weight=None if weight is None else weight.to(x.dtype), ignore_index=ignore_index, reduction="none",
+    w = None if weight is None else weight.to(x.dtype)
+    rows = F.cross_entropy(x, target, weight=w, ignore_index=ignore_index, reduction="none",
                            label_smoothing=label_smoothing)
     valid = target != ignore_index
     if z_loss:
