@@ -96,6 +96,7 @@ def parse(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard) instead of DDP")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="auto: cuda when available")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--save", help="checkpoint path, written every --save-every steps and at the end")
     p.add_argument("--save-every", type=int, default=0)
@@ -110,7 +111,7 @@ def parse(argv=None):
 def main(argv=None) -> dict:
     args = parse(argv)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":

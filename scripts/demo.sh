@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: set up (scripts/env.sh), report the backends, run the end-to-end swap demo,
-# train a CNN on the digits data (a full short run on a GPU; a few interpreted steps on a
-# CPU), then the quick benchmark on the default device (a GPU if present; else a
+# train a CNN on the digits data and a small GPT on Python's own sources (full short runs on
+# a GPU; a few interpreted steps on a CPU), then the quick benchmark on the default device (a GPU if present; else a
 # functional run on the CPU through Triton's interpreter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,11 @@ python -m fastnets info
 python examples/swap_transformer.py
 if [ "$GPU" = 1 ]; then
   python examples/train_cnn.py --epochs 5 --channels-last --amp
+  python examples/train_gpt.py --config tiny --n-layer 4 --n-embd 256 --n-head 4 --seq-len 256 --batch-size 32 \
+    --steps 300 --amp --sample 200
 else
   python examples/train_cnn.py --epochs 1 --max-steps 4 --width 8 --size 8 --batch-size 32 --max-eval 128
+  python examples/train_gpt.py --n-layer 1 --n-embd 32 --n-head 2 --seq-len 32 --batch-size 4 --steps 3 \
+    --eval-every 0 --sample 16
 fi
 python -m fastnets bench --quick --out "${FASTNETS_BENCH_OUT:-bench-out}" "$@"

@@ -19,6 +19,18 @@ CASES = {
     "batch_norm_pool": (lambda x, w, b: ops.max_pool2d(ops.batch_norm(x, None, None, w, b, True,
                                                                       activation="relu"), 3, 2, 1)
                         + ops.adaptive_avg_pool2d(x, 3), (2, 6, 6, 6), (6,)),
+    # q from x, k / v from w (GQA 2:1), an additive mask from b that also gets a gradient.
+    "flash_attention": (lambda x, w, b: ops.flash_attention(x, w, w * 2, causal=True, attn_mask=b[:, :1, :7, :9]
+                                                            .expand(1, 2, 7, 9), window=(4, 0)),
+                        (1, 2, 7, 16), (1, 1, 9, 16)),
+    "sdpa": (lambda x, w, b: ops.scaled_dot_product_attention(x, w, b, is_causal=True), (2, 3, 9, 16), (2, 3, 9, 16)),
+    # cos / sin are constants (no gradient): w and b reach the output through a plain sum too.
+    "rope": (lambda x, w, b: sum(ops.rope(x, x * 2, w[0, 0], b[0, 0])) + (w + b).sum(), (1, 2, 5, 8), (1, 1, 5, 4)),
+    "cross_entropy": (lambda x, w, b: ops.cross_entropy(x * w, torch.arange(5, device=x.device) % 33,
+                                                        label_smoothing=0.1, z_loss=1e-3) + b.sum(),
+                      (5, 33), (33,)),
+    "linear_cross_entropy": (lambda x, w, b: ops.linear_cross_entropy(x, w, torch.arange(5, device=x.device),
+                                                                      b[:, 0], chunk_size=2), (5, 8), (11, 8)),
 }
 
 

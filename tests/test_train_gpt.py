@@ -10,7 +10,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_gpt.py"
-TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--seq-len", "32", "--no-progress", "--eval-every", "0"]
+# CPU and gloo everywhere (one GPU cannot host two ranks); on a GPU machine the in-process
+# run takes the torch reference path, the torchrun ranks the interpreted kernels.
+TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--seq-len", "32", "--no-progress", "--eval-every", "0",
+        "--device", "cpu"]
 
 
 def _load():
@@ -40,7 +43,7 @@ def test_training_learns_and_resumes_exactly(tmp_path):
 
 
 def _torchrun(args, tmp_path):
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           str(SCRIPT)] + args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]

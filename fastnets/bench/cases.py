@@ -154,6 +154,14 @@ def _cuda_impl(act):
 
 
 from .cnn_cases import bn_pool_cases, conv_cases, resnet50_cases  # noqa: E402
+from .transformer_cases import (attention_cases, cross_entropy_cases, decode_cases, gpt2_cases,  # noqa: E402
+                                linear_cross_entropy_cases, rope_cases)
+
+
+def model_cases(device: torch.device, quick: bool) -> list[Case]:
+    return resnet50_cases(device, quick) + gpt2_cases(device, quick)
+
 
 FAMILIES = {"norm": norm_cases, "activation": activation_cases, "conv": conv_cases, "bn_pool": bn_pool_cases,
-            "model": resnet50_cases}
+            "attention": attention_cases, "decode": decode_cases, "rope": rope_cases,
+            "cross_entropy": cross_entropy_cases, "lm_head": linear_cross_entropy_cases, "model": model_cases}
