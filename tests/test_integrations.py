@@ -8,7 +8,7 @@ import torch
 
 from helpers import DEVICE, expect_backend
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", minversion="4.48")   # the attention registry
 from fastnets.integrations.transformers import apply_fastnets, register  # noqa: E402
 
 
