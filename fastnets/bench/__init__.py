@@ -36,6 +36,8 @@ def run(ops=None, quick: bool = False, out: str | None = None, plots: bool = Tru
     if not rows:
         raise SystemExit(f"no benchmark case matches --ops {' '.join(ops or [])}; families: {', '.join(FAMILIES)}")
     speedups(rows, functional=device.type != "cuda")
+    from .transformer_cases import published_ratios
+    fa3 = published_ratios(rows)
     result = {"environment": env, "ceilings": ceilings, "results": rows}
     path = os.path.join(out, f"{device_slug(device)}.json")
     with open(path, "w") as f:
@@ -46,5 +48,8 @@ def run(ops=None, quick: bool = False, out: str | None = None, plots: bool = Tru
                 + text + "\n")
     images = plot(rows, ceilings, out, f"{env['device']} (torch {env['torch']}, triton {env['triton']})") if plots else []
     print("\n" + text)
+    if fa3:
+        print("\nattention forward vs published FlashAttention-3 (H100 SXM5, bf16, d=128, not causal):\n"
+              + "\n".join(fa3))
     print(f"\nwrote {path}" + "".join(f", {p}" for p in images))
     return result

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import nn as fnn
-from .. import ops, reference
+from .. import ops
 from .sampling import sample_next
 
 
@@ -159,7 +159,7 @@ class GPT(nn.Module):
         if config.position == "learned":
             self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         else:
-            cos, sin = reference.rope_cos_sin(config.block_size, config.n_embd // config.n_head, config.rope_base)
+            cos, sin = ops.rope_cos_sin(config.block_size, config.n_embd // config.n_head, config.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, reference
+from ..reference.rope import rope_cos_sin  # noqa: F401  (re-exported: the tables models build)
 from . import _checks
 from ._registry import kernels
 
