@@ -196,11 +196,26 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     return out.view(tshape) if reduction == "none" else out
 
 
-def _chunk_rows(n: int, hidden: int, vocab: int) -> int:
-    """Rows per chunk: a chunk of logits about the size of the input itself (Liger's rule),
-    a power of two, at least 1."""
-    per = max(1, -(-vocab // max(1, hidden)))
-    return max(1, min(n, 1 << max(0, (-(-n // per) - 1).bit_length())))
+def _chunk_rows(n: int, vocab: int, elem: int) -> int:
+    """Rows per chunk. Each chunk reads and writes the float32 (V, H) dW accumulator
+    (~12 V H bytes) for 2 C V H FLOPs of GEMM, so C must be in the thousands for that to be
+    compute-bound (Liger's ~N H / V rows would make it bandwidth-bound); at most 4096 rows
+    and at most 1 GiB of logits per chunk, which keeps peak memory far below the unfused
+    step's (rows, vocab) logits + float32 softmax + gradient."""
+    cap = max(1, (1 << 30) // max(1, vocab * elem))
+    return max(1, min(n, 4096, cap))
+
+
+def _accumulate_float32(acc: Tensor, a: Tensor, b: Tensor, block_bytes: int = 64 << 20) -> None:
+    """acc (float32) += a @ b. Each product is summed in float32 inside the GEMM and rounded
+    once; low-precision products go through row blocks so the temporary stays small
+    instead of a full (V, H) copy in two dtypes."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    rows = max(1, block_bytes // max(1, b.shape[1] * 6))
+    for r in range(0, a.shape[0], rows):
+        acc[r:r + rows] += (a[r:r + rows] @ b).float()
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -227,10 +242,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if dx is not None:
                     torch.mm(logits, weight, out=dx[s:e])
                 if dw is not None:
-                    # One rounding per chunk inside the GEMM; the running sum is float32.
-                    dw += (logits.t() @ xc).float()
+                    _accumulate_float32(dw, logits.t(), xc)
                 if db is not None:
-                    db += logits.float().sum(0)
+                    db += logits.sum(0, dtype=torch.float32)
             else:
                 r, ls = torch.ops.fastnets.cross_entropy_fwd(logits, target[s:e], class_weight, wsum, ignore_index,
                                                              eps, z_loss)
@@ -274,9 +288,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if dx is not None:
                 torch.mm(dlogits, weight, out=dx[s:e])
             if dw is not None:
-                dw += (dlogits.t() @ xc).float()
+                _accumulate_float32(dw, dlogits.t(), xc)
             if db is not None:
-                db += dlogits.float().sum(0)
+                db += dlogits.sum(0, dtype=torch.float32)
         return (dx, dw.to(w_dtype) if dw is not None else None, db.to(b_dtype) if db is not None else None,
                 None, None, None, None, None, None, None, None)
 
@@ -289,9 +303,10 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
 
     input: (..., H) hidden states; weight: (V, H) (the LM head / tied embedding); bias: (V,)
     or None; target: (...) class indices. Other options as ``cross_entropy``.
-    chunk_size: rows per chunk (default: chunks whose logits are about as large as input).
-    Peak extra memory is one chunk of logits plus a float32 (V, H) gradient accumulator,
-    instead of (rows, V) logits, their float32 softmax and their gradient.
+    chunk_size: rows per chunk (default: up to 4096 rows and at most 1 GiB of logits, large
+    enough that the float32 dW accumulation stays compute-bound). Peak extra memory is one
+    chunk of logits plus a float32 (V, H) gradient accumulator, instead of (rows, V)
+    logits, their float32 softmax and their gradient.
     Backward: input, weight, bias (weight / bias gradients summed over chunks in float32).
     Under autocast the matmuls run in the autocast dtype, as the unfused torch step.
     """
@@ -319,7 +334,7 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
     flat_target = _check_target(op, target, x.shape[0], V, ignore_index, input.device)
     class_weight, wsum = _class_weight(op, "class_weight", class_weight, V, input)
     if chunk_size is None:
-        chunk_size = _chunk_rows(x.shape[0], H, V)
+        chunk_size = _chunk_rows(x.shape[0], V, x.element_size())
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
     if _dispatch.choose(op, input.device) == "torch":
