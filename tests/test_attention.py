@@ -309,6 +309,15 @@ def test_torch_backend_is_the_reference():
                  torch.float32, "torch backend")
 
 
+def test_autocast_runs_in_the_autocast_dtype():
+    q, k, v = _qkv(1, 2, 2, 9, 9, 16, torch.float32)
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        out = ops.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.dtype == torch.float16
+    assert_close(out, reference.attention(q.half().double(), k.half().double(), v.half().double(), causal=True),
+                 torch.float16, "autocast")
+
+
 def test_empty_inputs():
     q, k, v = _qkv(0, 2, 2, 5, 5, 16, torch.float32)
     assert ops.scaled_dot_product_attention(q, k, v).shape == (0, 2, 5, 16)

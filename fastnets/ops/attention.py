@@ -178,6 +178,11 @@ def _last_dim_unit(t: Tensor) -> Tensor:
 
 
 def _run(q, k, v, mask, slopes, cu_q, cu_k, max_sq, max_sk, scale, left, right, bottom_right, dropout_p):
+    dev = q.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev) and q.dtype == torch.float32:
+        # SDPA is on autocast's lower-precision list: attention runs in the autocast dtype.
+        dt = torch.get_autocast_dtype(dev)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
     q, k, v = _last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v)
     if mask is not None and mask.dtype not in (torch.bool, torch.float32, q.dtype):
         mask = mask.to(q.dtype)
