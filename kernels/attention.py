@@ -59,6 +59,23 @@ def _block_ranges(start, BLOCK: tl.constexpr, BLOCK_O: tl.constexpr, other_len, 
 
 
 @triton.jit
+def _sequence(CU_Q, CU_K, b, seqlen_q_max, seqlen_k_max, VARLEN: tl.constexpr):
+    """(q_start, k_start, seqlen_q, seqlen_k) of batch entry b: its rows in a packed batch,
+    or the whole (padded) tensors."""
+    if VARLEN:
+        q_start = tl.load(CU_Q + b)
+        k_start = tl.load(CU_K + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        seqlen_k = tl.load(CU_K + b + 1) - k_start
+    else:
+        q_start = 0
+        k_start = 0
+        seqlen_q = seqlen_q_max
+        seqlen_k = seqlen_k_max
+    return q_start, k_start, seqlen_q, seqlen_k
+
+
+@triton.jit
 def _load_tile(ptrs, rows_ok, cols_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
     """A 2-D load masked only where a constexpr says the tile can leave the tensor."""
     if CHECK_ROWS:
@@ -156,16 +173,7 @@ def _flash_attn_fwd_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    if VARLEN:
-        q_start = tl.load(CU_Q + b)
-        k_start = tl.load(CU_K + b)
-        seqlen_q = tl.load(CU_Q + b + 1) - q_start
-        seqlen_k = tl.load(CU_K + b + 1) - k_start
-    else:
-        q_start = 0
-        k_start = 0
-        seqlen_q = seqlen_q_max
-        seqlen_k = seqlen_k_max
+    q_start, k_start, seqlen_q, seqlen_k = _sequence(CU_Q, CU_K, b, seqlen_q_max, seqlen_k_max, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 < seqlen_q:
         off = seqlen_k - seqlen_q if BOTTOM_RIGHT else 0
@@ -404,16 +412,7 @@ def _flash_attn_bwd_dkdv_kernel(
     bhk = tl.program_id(1)
     b = bhk // HK
     hk = bhk % HK
-    if VARLEN:
-        q_start = tl.load(CU_Q + b)
-        k_start = tl.load(CU_K + b)
-        seqlen_q = tl.load(CU_Q + b + 1) - q_start
-        seqlen_k = tl.load(CU_K + b + 1) - k_start
-    else:
-        q_start = 0
-        k_start = 0
-        seqlen_q = seqlen_q_max
-        seqlen_k = seqlen_k_max
+    q_start, k_start, seqlen_q, seqlen_k = _sequence(CU_Q, CU_K, b, seqlen_q_max, seqlen_k_max, VARLEN)
     n0 = pid_n * BLOCK_N
     if n0 < seqlen_k:
         off = seqlen_k - seqlen_q if BOTTOM_RIGHT else 0
@@ -514,16 +513,7 @@ def _flash_attn_bwd_dq_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    if VARLEN:
-        q_start = tl.load(CU_Q + b)
-        k_start = tl.load(CU_K + b)
-        seqlen_q = tl.load(CU_Q + b + 1) - q_start
-        seqlen_k = tl.load(CU_K + b + 1) - k_start
-    else:
-        q_start = 0
-        k_start = 0
-        seqlen_q = seqlen_q_max
-        seqlen_k = seqlen_k_max
+    q_start, k_start, seqlen_q, seqlen_k = _sequence(CU_Q, CU_K, b, seqlen_q_max, seqlen_k_max, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 < seqlen_q:
         off = seqlen_k - seqlen_q if BOTTOM_RIGHT else 0
