@@ -20,6 +20,17 @@ def empty(shape, *, dtype: torch.dtype, device: torch.device,
     return out
 
 
+def empty_like_layout(t: torch.Tensor, last: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An output shaped like t with last dim `last`, whose leading dims are laid out in t's
+    stride order: (B, S, H, D) storage in gives (B, S, H, D) storage out."""
+    lead = t.dim() - 1
+    order = sorted(range(lead), key=lambda d: (-t.stride(d), d))
+    shape = [t.shape[d] for d in order] + [last]
+    out = empty(shape, dtype=dtype or t.dtype, device=t.device)
+    inverse = [order.index(d) for d in range(lead)] + [lead]
+    return out.permute(inverse)
+
+
 def memory_format(t: torch.Tensor) -> torch.memory_format:
     """channels_last for a 4-D tensor dense in NHWC order (and not also plain contiguous),
     else contiguous_format: the layout a kernel output keeps."""

@@ -25,16 +25,16 @@ P @ V product as every flash kernel does.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from . import _common
-from ._common import empty, next_pow2, tuned_launch
+from ._common import empty, empty_like_layout, next_pow2, tuned_launch
 
-UNBOUNDED = 1 << 30          # a window edge that never binds
 LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 256
 # Mask kinds (constexpr ids).
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
 
@@ -647,18 +647,11 @@ def _bhs(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def empty_like_layout(t: torch.Tensor, last: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """An output shaped like t with last dim `last`, whose leading dims are laid out in t's
-    stride order: (B, S, H, D) storage in gives (B, S, H, D) storage out."""
-    lead = t.dim() - 1
-    order = sorted(range(lead), key=lambda d: (-t.stride(d), d))
-    shape = [t.shape[d] for d in order] + [last]
-    out = empty(shape, dtype=dtype or t.dtype, device=t.device)
-    inverse = [order.index(d) for d in range(lead)] + [lead]
-    return out.permute(inverse)
-
-
+@functools.lru_cache(maxsize=64)
 def _scales(scale: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[scale * log2(e), scale, log2(e)] in the accumulator dtype, read by the kernels (a
+    float argument would be float32, too coarse for float64 gradcheck). Cached: a layer calls
+    with the same scale every step, so there is no host-to-device copy per call."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     return torch.tensor([scale * LOG2E, scale, LOG2E], dtype=acc, device=device)
 
@@ -697,7 +690,7 @@ def flash_attn_fwd(q, k, v, attn_mask, alibi_slopes, cu_q, cu_k, max_sq: int, ma
                    left: int, right: int, bottom_right: bool, dropout_p: float, seed: torch.Tensor | None):
     """(o, lse2): o like q with v's head dim, lse2 float32 base-2 log-sum-exp,
     (B, Hq, Sq) or (Hq, total_q) for packed batches; +inf on fully masked rows.
-    left/right: window edges (UNBOUNDED for none; right = 0 for causal)."""
+    left/right: window edges (1 << 30 = unbounded; right = 0 for causal)."""
     varlen, B, Hq, Hk, D, DV = _geometry(q, k, v, cu_q, max_sq, max_sk)
     o = empty_like_layout(q, DV)
     lse = empty((Hq, q.shape[0]) if varlen else (B, Hq, max_sq), dtype=torch.float32, device=q.device)

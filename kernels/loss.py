@@ -32,9 +32,14 @@ def _cross_entropy_kernel(
     base = LOGITS + row * stride_l
     t = tl.load(TARGET + row).to(tl.int64)
     ignored = t == ignore_index
+    # A class outside [0, V) that is not ignore_index is never read: its row's loss and
+    # gradient become NaN (the launcher checks CPU targets on the host; on a GPU this avoids
+    # a device-to-host sync per call while keeping the error visible).
+    t_ok = (t >= 0) & (t < V)
+    bad = (t_ok == 0) & (ignored == 0)   # (bool tensors: no `not` in Triton)
     cols0 = tl.arange(0, BLOCK_V)
     w_sum = tl.load(WSUM) if HAS_WEIGHT else V * 1.0
-    w_t = tl.load(WEIGHT + t, mask=t != ignore_index, other=0.0).to(tl.float32) if HAS_WEIGHT else 1.0
+    w_t = tl.load(WEIGHT + t, mask=t_ok, other=0.0).to(tl.float32) if HAS_WEIGHT else 1.0
     if LSE_GIVEN:
         lse = tl.load(LSE + row)
     else:
@@ -55,13 +60,14 @@ def _cross_entropy_kernel(
                 sum_x += tl.sum(tl.where(ok, x, 0.0), 0)
         lse = m + tl.log(s)
         if WRITE_LOSS:
-            x_t = tl.load(base + t, mask=t != ignore_index, other=0.0).to(tl.float32)
+            x_t = tl.load(base + t, mask=t_ok, other=0.0).to(tl.float32)
             loss = (1.0 - eps) * w_t * (lse - x_t) + eps / V * (w_sum * lse - sum_x) + z_loss * lse * lse
+            loss = tl.where(bad, float("nan"), loss)
             tl.store(LOSS + row, tl.where(ignored, 0.0, loss))
             tl.store(LSE + row, lse)
     if WRITE_GRAD:
         g = tl.load(GRAD + row * stride_g).to(tl.float32)
-        g = tl.where(ignored, 0.0, g)
+        g = tl.where(ignored, 0.0, tl.where(bad, float("nan"), g))
         coef_p = (1.0 - eps) * w_t + eps / V * w_sum + 2.0 * z_loss * lse
         out = DLOGITS + row * stride_d
         for start in range(0, V, BLOCK_V):

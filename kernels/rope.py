@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import empty, next_pow2
+from ._common import empty_like_layout, next_pow2
 
 
 @triton.jit
@@ -72,9 +72,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: to
     """x (B, H, S, D) view -> y with x's layout. cos/sin (P, R/2) table or (B, S, R/2)."""
     B, H, S, D = x.shape
     r_half = cos.shape[-1]
-    order = sorted(range(3), key=lambda d: (-x.stride(d), d))
-    y = empty([x.shape[d] for d in order] + [D], dtype=x.dtype, device=x.device).permute(
-        [order.index(d) for d in range(3)] + [3])
+    y = empty_like_layout(x, D)
     if x.numel() == 0:
         return y
     if cos.dim() == 3:

@@ -116,6 +116,17 @@ def test_linear_cross_entropy_accumulates_dw_in_float32():
     assert rel < 1e-2, rel
 
 
+def test_out_of_range_target_gives_nan_in_the_kernel():
+    """What a GPU caller gets without the host check: NaN for that row, never an
+    out-of-bounds read; ignored rows stay 0."""
+    x = torch.randn(3, 6, device=DEVICE, requires_grad=True)
+    t = torch.tensor([1, 9, -100], device=DEVICE)
+    rows, _ = torch.ops.fastnets.cross_entropy_fwd(x, t, None, None, -100, 0.0, 0.0)
+    assert torch.isfinite(rows[0]) and torch.isnan(rows[1]) and rows[2] == 0
+    (g,) = torch.autograd.grad(rows.sum(), x)
+    assert torch.isfinite(g[0]).all() and torch.isnan(g[1]).all() and (g[2] == 0).all()
+
+
 def test_loss_backends_and_errors():
     x = torch.randn(5, 6, device=DEVICE)
     t = torch.randint(0, 6, (5,), device=DEVICE)

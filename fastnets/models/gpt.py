@@ -108,11 +108,11 @@ class CausalSelfAttention(nn.Module):
             v = cache.v[layer][:, :, :start + T]
             # New queries sit at the end of the cache: bottom-right causal alignment; a single
             # query takes the split-key decode kernels.
-            y = ops.flash_attention(q.transpose(1, 2), k, v, causal="bottom_right")
+            y = ops.flash_attention(q.transpose(1, 2), k, v, causal="bottom_right").transpose(1, 2)
         else:
             y = ops.flash_attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0,
-                                    layout="bshd").transpose(1, 2)
-        y = y.transpose(1, 2).reshape(B, T, C)                                 # (B, T, C)
+                                    layout="bshd")
+        y = y.reshape(B, T, C)                                                 # (B, T, H, D) -> (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 

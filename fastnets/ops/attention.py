@@ -43,10 +43,7 @@ def _flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]
 
 
 def _like_layout(t: Tensor, last: int) -> Tensor:
-    lead = t.dim() - 1
-    order = sorted(range(lead), key=lambda d: (-t.stride(d), d))
-    out = t.new_empty([t.shape[d] for d in order] + [last])
-    return out.permute([order.index(d) for d in range(lead)] + [lead])
+    return kernels("_common").empty_like_layout(t, last)   # the launchers' allocation, so strides agree
 
 
 @_flash_attn_fwd.register_fake

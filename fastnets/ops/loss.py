@@ -101,8 +101,10 @@ def _check_target(op: str, target, n_rows: int, V: int, ignore_index: int, devic
     if target.numel() != n_rows:
         raise ValueError(f"{op}: target has {target.numel()} entries for {n_rows} rows of logits")
     target = target.reshape(-1).to(torch.int64)
-    # One host check (a sync) instead of an out-of-bounds read on the device.
-    if n_rows and not torch.compiler.is_compiling():
+    # CPU targets are checked here (no sync to pay). On a GPU, checking would cost a
+    # device-to-host sync every step; the kernel instead never reads out of range and makes
+    # such rows' loss NaN.
+    if n_rows and target.device.type == "cpu" and not torch.compiler.is_compiling():
         bad = (target != ignore_index) & ((target < 0) | (target >= V))
         if bool(bad.any()):
             raise ValueError(f"{op}: target holds class {int(target[bad][0])}, outside [0, {V}) and not "
@@ -157,6 +159,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     weights included). z_loss: adds ``z_loss * logsumexp(logits)^2`` per non-ignored row
     (PaLM's stabilizer), reduced like the loss. reduction "mean" divides by the summed
     weights of the non-ignored targets (NaN when every row is ignored, as torch).
+    A target class outside [0, C) (other than ignore_index) raises for CPU tensors and
+    makes the loss NaN on CUDA (torch raises a device-side assert there).
     The loss has input's dtype (float32 under autocast, as torch) unless out_dtype is given
     (e.g. float32 for bf16 logits, skipping a rounding); all arithmetic is float32.
     Probability (float) targets fall back to the torch reference with a warning.
@@ -218,6 +222,27 @@ def _accumulate_float32(acc: Tensor, a: Tensor, b: Tensor, block_bytes: int = 64
         acc[r:r + rows] += (a[r:r + rows] @ b).float()
 
 
+def _grad_buffers(x: Tensor, weight: Tensor, needs) -> tuple:
+    """dx (x's dtype), dW and dbias (float32 accumulators), None where not needed."""
+    return (torch.empty_like(x) if needs[0] else None,
+            torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if needs[1] else None,
+            torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device) if needs[2] else None)
+
+
+def _backprop_chunk(dlogits: Tensor, xc: Tensor, weight: Tensor, dx_rows, dw, db) -> None:
+    """One chunk's logits gradient into dx (its rows), dW and dbias."""
+    if dx_rows is not None:
+        torch.mm(dlogits, weight, out=dx_rows)
+    if dw is not None:
+        _accumulate_float32(dw, dlogits.t(), xc)
+    if db is not None:
+        db += dlogits.sum(0, dtype=torch.float32)
+
+
+def _chunk_logits(x: Tensor, weight: Tensor, bias) -> Tensor:
+    return torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, target, class_weight, wsum, ignore_index, reduction, eps, z_loss, chunk):
@@ -228,23 +253,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = (1.0 / denom if reduction == "mean" else torch.ones((), device=x.device)).reshape(1).float()
         rows = x.new_empty((N,), dtype=torch.float32)
         lse = x.new_empty((N,), dtype=torch.float32)
-        dx = torch.empty_like(x) if precompute and needs[0] else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if precompute and needs[1] else None
-        db = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device) if precompute and needs[2] else None
+        dx, dw, db = _grad_buffers(x, weight, needs if precompute else (False,) * 3)
         for s in range(0, N, chunk):
             e = min(N, s + chunk)
-            xc = x[s:e]
-            logits = torch.addmm(bias, xc, weight.t()) if bias is not None else xc @ weight.t()
+            logits = _chunk_logits(x[s:e], weight, bias)
             if precompute:
                 # logits become d(loss)/d(logits) * scale, in place.
                 r, ls = torch.ops.fastnets.cross_entropy_fwd_grad_(logits, target[s:e], class_weight, wsum, scale,
                                                                    ignore_index, eps, z_loss)
-                if dx is not None:
-                    torch.mm(logits, weight, out=dx[s:e])
-                if dw is not None:
-                    _accumulate_float32(dw, logits.t(), xc)
-                if db is not None:
-                    db += logits.sum(0, dtype=torch.float32)
+                _backprop_chunk(logits, x[s:e], weight, dx[s:e] if dx is not None else None, dw, db)
             else:
                 r, ls = torch.ops.fastnets.cross_entropy_fwd(logits, target[s:e], class_weight, wsum, ignore_index,
                                                              eps, z_loss)
@@ -274,23 +291,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     (db * g).to(b_dtype) if needs[2] else None, None, None, None, None, None, None, None, None)
         x, weight, bias, target, class_weight, wsum, lse = ctx.saved_tensors
         N, chunk = x.shape[0], ctx.chunk
-        dx = torch.empty_like(x) if needs[0] else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if needs[1] else None
-        db = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device) if needs[2] else None
+        dx, dw, db = _grad_buffers(x, weight, needs)
         g = g.float()
         for s in range(0, N, chunk):
             e = min(N, s + chunk)
-            xc = x[s:e]
-            logits = torch.addmm(bias, xc, weight.t()) if bias is not None else xc @ weight.t()
+            logits = _chunk_logits(x[s:e], weight, bias)
             dlogits = torch.ops.fastnets.cross_entropy_bwd(g[s:e], logits, target[s:e], class_weight, wsum,
                                                            lse[s:e], *ctx.args)
             del logits
-            if dx is not None:
-                torch.mm(dlogits, weight, out=dx[s:e])
-            if dw is not None:
-                _accumulate_float32(dw, dlogits.t(), xc)
-            if db is not None:
-                db += dlogits.sum(0, dtype=torch.float32)
+            _backprop_chunk(dlogits, x[s:e], weight, dx[s:e] if dx is not None else None, dw, db)
         return (dx, dw.to(w_dtype) if dw is not None else None, db.to(b_dtype) if db is not None else None,
                 None, None, None, None, None, None, None, None)
 

@@ -22,8 +22,7 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor, position_ids: Optional[Tensor], s
 
 @_rope.register_fake
 def _(x, cos, sin, position_ids, seqlen_offset, interleaved, conj):
-    order = sorted(range(3), key=lambda d: (-x.stride(d), d))
-    return x.new_empty([x.shape[d] for d in order] + [x.shape[3]]).permute([order.index(d) for d in range(3)] + [3])
+    return kernels("_common").empty_like_layout(x, x.shape[3])
 
 
 def _rope_setup(ctx, inputs, output):
