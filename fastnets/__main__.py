@@ -1,4 +1,4 @@
-"""python -m fastnets info | bench [--ops ...] [--quick] [--out DIR]"""
+"""python -m fastnets info | bench [--ops ...] [--quick] [--out DIR] | kernels [--kernel ...] [--arch ...]"""
 from __future__ import annotations
 
 import argparse
@@ -45,12 +45,33 @@ def main(argv=None) -> int:
     bench.add_argument("--quick", action="store_true", help="few sizes, short timing (smoke run)")
     bench.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
     bench.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    bench.add_argument("--merge", action="store_true",
+                       help="keep other families' rows already in the results file (a GPU run in parts)")
+    kern = sub.add_parser("kernels", help="static report: compile every kernel specialization for sm_90a (no GPU "
+                                          "needed) and read registers, spills, shared memory, occupancy, tensor cores")
+    kern.add_argument("--family", nargs="*", default=None, help="launcher families (default: all)")
+    kern.add_argument("--kernel", nargs="*", default=None, help="only kernels whose name contains one of these")
+    kern.add_argument("--dtype", nargs="*", default=None, choices=("fp16", "bf16", "fp32", "fp64", "-"))
+    kern.add_argument("--arch", nargs="*", default=["sm_90a"], choices=("sm_90a", "sm_80"))
+    kern.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
+    kern.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count)")
+    kern.add_argument("--no-cache", action="store_true", help="recompile every specialization")
+    kern.add_argument("--sample", action="store_true", help="only the first specialization of each kernel")
+    kern.add_argument("--check", action="store_true", help="exit 1 when a specialization breaks a gate")
+    kern.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
+    if args.command == "kernels":
+        # The report compiles the real kernels: Triton's interpreter must not wrap them.
+        import os
+        os.environ.pop("TRITON_INTERPRET", None)
+        os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+        from .bench import static
+        return static.main(args)
     if args.command == "info":
         info()
         return 0
     from .bench import run
-    run(ops=args.ops, quick=args.quick, out=args.out, plots=not args.no_plots)
+    run(ops=args.ops, quick=args.quick, out=args.out, plots=not args.no_plots, merge=args.merge)
     return 0
 
 

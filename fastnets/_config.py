@@ -4,7 +4,10 @@ FASTNETS_BACKEND    force one backend for every op: torch | triton | cuda | inte
 FASTNETS_POISON     1: fill every output buffer a launcher allocates with NaN before the
                     kernel runs (the test-suite sets this; an unwritten element then shows)
 FASTNETS_BUILD_EXT  0: never build/JIT-build the CUDA extension (read by setup.py too)
-FASTNETS_CACHE_DIR  where the JIT-built extension is cached (default ~/.cache/fastnets)
+FASTNETS_CACHE_DIR  where the JIT-built extension, the tuner's choices and the static kernel
+                    report's compile results are cached (default ~/.cache/fastnets)
+FASTNETS_TRITON36_PATH  a folder holding Triton 3.6 (pip install --target), the Triton of the
+                    lent GPU machines: the test suite compiles every kernel with it too
 """
 from __future__ import annotations
 
@@ -37,6 +40,10 @@ def poison_outputs() -> bool:
 
 def build_extension_allowed() -> bool:
     return os.environ.get("FASTNETS_BUILD_EXT", "1") != "0"
+
+
+def compat_triton_path() -> str | None:
+    return os.environ.get("FASTNETS_TRITON36_PATH") or None
 
 
 def cache_dir() -> str:

@@ -48,11 +48,16 @@ def acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Launches on meta tensors are recorded, never run: fastnets.bench.launches drives every
+# launcher on meta tensors and compiles what they would launch, ahead of time, on a machine
+# without a GPU (the static kernel report). They take the GPU launch shapes, for an H100.
+META_SM_COUNT = 132
+
+
 def gpu_launch(device: torch.device) -> bool:
     """True when a launch is compiled for a GPU (every launch heuristic asks this one
-    question; the interpreter prefers other shapes). tests/aot_compile.py overrides it to
-    compile the GPU launch shapes ahead of time on a machine without one."""
-    return device.type == "cuda"
+    question; the interpreter prefers other shapes). Meta tensors stand for a GPU launch."""
+    return device.type in ("cuda", "meta")
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,9 +68,10 @@ def sm_count(index: int) -> int:
 def persistent_programs(device: torch.device, work_items: int, per_sm: int = 2) -> int:
     """Program count for a persistent kernel: enough to fill the GPU, never more than the
     work. The interpreter runs programs one after another, so on CPU fewer is faster."""
-    if gpu_launch(device):
-        index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
-        cap = sm_count(index) * per_sm
+    if device.type == "meta":
+        cap = META_SM_COUNT * per_sm
+    elif gpu_launch(device):
+        cap = sm_count(device.index if device.index is not None else torch.cuda.current_device()) * per_sm
     else:
         cap = 4
     return max(1, min(cap, work_items))

@@ -187,13 +187,16 @@ def _launch_config(numel: int, device: torch.device) -> tuple[int, int]:
     return (2048, 8) if numel >= (1 << 22) else (1024, 4)
 
 
-def _bwd_tile_config(C: int, device: torch.device) -> tuple[int, int, int]:
+def _bwd_tile_config(C: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_C, num_warps) for the 2-D backward: 256 columns keep each row segment
-    a whole number of 128-byte lines; 16 rows give every thread 8+ elements in flight."""
+    a whole number of 128-byte lines; 8 rows on 8 warps give every thread 8 elements (16
+    bytes of bf16) per tensor in flight. Larger tiles (16 rows on 4 or 8 warps, 32 a thread)
+    spill with GELU's erf and the gated forms' second operand (the static report); float64:
+    4 rows on 4 warps."""
     block_c = min(256, next_pow2(C))
     if not _common.gpu_launch(device):
         return 64, block_c, 4
-    return 16, block_c, 4
+    return (4, block_c, 4) if dtype == torch.float64 else (8, block_c, 8)
 
 
 def _act_id(activation: str) -> int:
@@ -227,7 +230,7 @@ def bias_act_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, a
     dx = empty((M, C_in), dtype=x.dtype, device=x.device)
     if M == 0 or C == 0:
         return dx, (torch.zeros_like(bias) if bias is not None else None)
-    block_m, block_c, warps = _bwd_tile_config(C, x.device)
+    block_m, block_c, warps = _bwd_tile_config(C, x.device, x.dtype)
     col_tiles = triton.cdiv(C, block_c)
     groups = max(1, min(persistent_programs(x.device, col_tiles * triton.cdiv(M, block_m), per_sm=4) // col_tiles,
                         triton.cdiv(M, block_m)))

@@ -150,7 +150,8 @@ def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, lo, hi, q_pos, q_ok, mask_rows
             p = tl.where(_dropout_keep(seed, drop_rows, kv_idx, dropout_p), p, 0.0)
         v = _load_tile(v_base + kv_idx[:, None] * svs + offs_dv[None, :], kv_ok, offs_dv < DV, BOUNDARY,
                        BLOCK_DV != DV)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        # Accumulate into the rescaled acc inside the MMA: no second (BLOCK_M, DV) tile.
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -343,27 +344,34 @@ def _flash_attn_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _bwd_kv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, lo, hi, kv_idx, kv_ok, mask_cols, smi,
-                   slope, drop_cols, seed, sqs, sds, seqlen_q, drop_stride, off, left, right, qk_scale, log2e,
-                   dropout_p,
+def _bwd_kv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, SLOPES, q_off, do_off, lse_off, mask_off, h0, GROUP,
+                   sqh, sdh, slh, smh, ssh, lo, hi, kv_idx, kv_ok, smi, slope_base, drop_base, seed, sqs, sds,
+                   seqlen_q, seqlen_q_max, drop_stride, off, left, right, qk_scale, log2e, dropout_p,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BOUNDARY: tl.constexpr, MASK_KIND: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr):
-    """dk, dv of one key block from query blocks [lo, hi). Scores are kept transposed
-    (keys x queries) so dv += P^T dO and dk += dS^T q need no transposes of P or dS."""
+    """dk, dv of one key block from query blocks [lo, hi) of each of the GROUP q heads
+    h0 .. h0 + GROUP - 1 that read this kv head (GQA). The (head, query block) pairs run as
+    one flat loop: the software pipeline streams across heads, and no outer head loop keeps
+    a second set of values live around the inner one (that spilled). Scores are kept
+    transposed (keys x queries) so dv += P^T dO and dk += dS^T q need no transposes."""
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    for start_m in range(lo, hi, BLOCK_M):
+    n_blocks = tl.cdiv(hi - lo, BLOCK_M)
+    for it in range(0, GROUP * n_blocks):
+        g = it // n_blocks
+        start_m = lo + (it - g * n_blocks) * BLOCK_M
+        h = h0 + g
         q_idx = start_m + offs_m0
         q_ok = q_idx < seqlen_q
-        q = _load_tile(q_base + q_idx[:, None].to(tl.int64) * sqs + offs_d[None, :], q_ok, offs_d < D, BOUNDARY,
-                       BLOCK_D != D)
-        do = _load_tile(do_base + q_idx[:, None].to(tl.int64) * sds + offs_dv[None, :], q_ok, offs_dv < DV,
-                        BOUNDARY, BLOCK_DV != DV)
+        q = _load_tile(Q + (q_off + h * sqh) + q_idx[:, None].to(tl.int64) * sqs + offs_d[None, :], q_ok,
+                       offs_d < D, BOUNDARY, BLOCK_D != D)
+        do = _load_tile(DO + (do_off + h * sdh) + q_idx[:, None].to(tl.int64) * sds + offs_dv[None, :], q_ok,
+                        offs_dv < DV, BOUNDARY, BLOCK_DV != DV)
         # Rows past the sequence end get LSE = +inf: their probabilities are exactly 0.
-        lse = tl.load(lse_base + q_idx, mask=q_ok, other=float("inf"))
-        delta = tl.load(delta_base + q_idx, mask=q_ok, other=0.0)
+        lse = tl.load(LSE + (lse_off + h * slh) + q_idx, mask=q_ok, other=float("inf"))
+        delta = tl.load(DELTA + (lse_off + h * slh) + q_idx, mask=q_ok, other=0.0)
         sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
         # The band and masks, transposed: rows are keys, columns are queries.
         if BOUNDARY:
@@ -372,18 +380,20 @@ def _bwd_kv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, lo, hi, 
             keep = q_ok[None, :] & (j >= qp - left) & (j <= qp + right)
             sT = tl.where(keep, sT, float("-inf"))
         if MASK_KIND != 0:
-            mptr = mask_cols[:, None] + q_idx[None, :].to(tl.int64) * smi
+            mptr = MASK + (mask_off + h * smh)[:, None] + q_idx[None, :].to(tl.int64) * smi
             mok = kv_ok[:, None] & q_ok[None, :]
             if MASK_KIND == 1:
                 sT = tl.where(tl.load(mptr, mask=mok, other=1) != 0, sT, float("-inf"))
             else:
                 sT = sT + tl.load(mptr, mask=mok, other=0.0).to(sT.dtype) * log2e
         if HAS_ALIBI:
+            slope = tl.load(SLOPES + slope_base + h * ssh).to(sT.dtype) * log2e
             dist = (q_idx[None, :] + off - kv_idx[:, None]).to(sT.dtype)
             sT = sT - slope * tl.abs(dist)
         pT = tl.math.exp2(sT - lse[None, :].to(sT.dtype))
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
         if DROPOUT:
+            drop_cols = drop_base + h.to(tl.int64) * seqlen_q_max * drop_stride + kv_idx
             keepT = tl.rand(seed, drop_cols[:, None] + q_idx[None, :].to(tl.int64) * drop_stride) >= dropout_p
             inv_keep = 1.0 / (1.0 - dropout_p)
             pdT = tl.where(keepT, pT * inv_keep, 0.0)
@@ -433,31 +443,30 @@ def _flash_attn_bwd_dkdv_kernel(
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC)
         seed = tl.load(SEED) if DROPOUT else 0
-        # The query range seen by this key block: the band rule with the roles swapped.
+        # The query range seen by this key block: the band rule with the roles swapped. It is
+        # the same for every q head of the group (same positions).
         lo, full_lo, full_hi, hi = _block_ranges(n0, BLOCK_N, BLOCK_M, seqlen_q, -off, right, left)
-        for g in range(0, GROUP):
-            h = hk * GROUP + g
-            q_base = Q + b64 * sqb + h * sqh + q_start.to(tl.int64) * sqs
-            do_base = DO + b64 * sdb + h * sdh + q_start.to(tl.int64) * sds
-            lse_base = LSE + b64 * slb + h * slh + q_start
-            delta_base = DELTA + b64 * slb + h * slh + q_start
-            mask_cols = MASK + b64 * smb + h * smh + kv_idx.to(tl.int64) * smj
-            slope = 0.0
-            if HAS_ALIBI:
-                slope = tl.load(SLOPES + b * ssb + h * ssh).to(ACC) * log2e
-            drop_cols = (b64 * HK * GROUP + h) * seqlen_q_max * seqlen_k_max + kv_idx
-            dk, dv = _bwd_kv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, lo, full_lo, kv_idx, kv_ok,
-                                    mask_cols, smi, slope, drop_cols, seed, sqs, sds, seqlen_q, seqlen_k_max, off,
-                                    left, right, s_scale, log2e, dropout_p, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, True,
-                                    MASK_KIND, HAS_ALIBI, DROPOUT, PREC)
-            dk, dv = _bwd_kv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, full_lo, full_hi, kv_idx,
-                                    kv_ok, mask_cols, smi, slope, drop_cols, seed, sqs, sds, seqlen_q, seqlen_k_max,
-                                    off, left, right, s_scale, log2e, dropout_p, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, False,
-                                    MASK_KIND, HAS_ALIBI, DROPOUT, PREC)
-            dk, dv = _bwd_kv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, full_hi, hi, kv_idx, kv_ok,
-                                    mask_cols, smi, slope, drop_cols, seed, sqs, sds, seqlen_q, seqlen_k_max, off,
-                                    left, right, s_scale, log2e, dropout_p, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, True,
-                                    MASK_KIND, HAS_ALIBI, DROPOUT, PREC)
+        h0 = hk * GROUP
+        q_off = b64 * sqb + q_start.to(tl.int64) * sqs
+        do_off = b64 * sdb + q_start.to(tl.int64) * sds
+        lse_off = b64 * slb + q_start
+        mask_off = b64 * smb + kv_idx.to(tl.int64) * smj
+        drop_base = b64 * HK * GROUP * seqlen_q_max * seqlen_k_max
+        dk, dv = _bwd_kv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, SLOPES, q_off, do_off, lse_off, mask_off, h0,
+                                GROUP, sqh, sdh, slh, smh, ssh, lo, full_lo, kv_idx, kv_ok, smi, b * ssb, drop_base,
+                                seed, sqs, sds, seqlen_q, seqlen_q_max, seqlen_k_max, off, left, right, s_scale, log2e,
+                                dropout_p, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, True, MASK_KIND, HAS_ALIBI, DROPOUT,
+                                PREC)
+        dk, dv = _bwd_kv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, SLOPES, q_off, do_off, lse_off, mask_off, h0,
+                                GROUP, sqh, sdh, slh, smh, ssh, full_lo, full_hi, kv_idx, kv_ok, smi, b * ssb,
+                                drop_base, seed, sqs, sds, seqlen_q, seqlen_q_max, seqlen_k_max, off, left, right,
+                                s_scale, log2e, dropout_p, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, False, MASK_KIND,
+                                HAS_ALIBI, DROPOUT, PREC)
+        dk, dv = _bwd_kv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, MASK, SLOPES, q_off, do_off, lse_off, mask_off, h0,
+                                GROUP, sqh, sdh, slh, smh, ssh, full_hi, hi, kv_idx, kv_ok, smi, b * ssb, drop_base,
+                                seed, sqs, sds, seqlen_q, seqlen_q_max, seqlen_k_max, off, left, right, s_scale, log2e,
+                                dropout_p, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, True, MASK_KIND, HAS_ALIBI, DROPOUT,
+                                PREC)
         dk = dk * sm_scale
         tl.store(DK_OUT + b64 * sdkb + hk * sdkh + kv_rows[:, None] * sdks + offs_d[None, :],
                  dk.to(DK_OUT.dtype.element_ty),
@@ -592,30 +601,76 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> dict:
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
 
 
-def fwd_configs(device: torch.device, head_dim: int, seqlen_q: int, seqlen_k: int) -> list[dict]:
-    """Forward tiles. Wide query tiles amortize the K/V loads; head dims above 128 halve the
-    tiles to stay inside shared memory. The interpreter runs programs one by one: one big tile."""
-    if not _common.gpu_launch(device):
-        return [_cfg(max(16, min(64, next_pow2(seqlen_q))), max(16, min(64, next_pow2(seqlen_k))), 4, 1)]
-    if head_dim <= 64:
-        return [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 4)]
-    if head_dim <= 128:
-        return [_cfg(128, 64, 8, 3), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 128, 8, 2), _cfg(128, 64, 4, 3)]
-    return [_cfg(64, 32, 4, 2), _cfg(64, 64, 8, 2), _cfg(128, 32, 8, 2), _cfg(32, 32, 4, 2)]
+# Tile candidates (BLOCK_M, BLOCK_N, warps, stages) per kernel, head-dim class (<= 64, <= 128,
+# <= 256) and arithmetic (tc: fp16/bf16 tensor cores; tf32; fma: IEEE fp32 on FMA units; fp64),
+# chosen with the static report (`python -m fastnets kernels`): every "all" tile compiles
+# without a register spill for every option the launchers pass (masks, ALiBi, dropout, varlen,
+# GQA); "plain" adds the larger tiles that fit only without those options. The forward and dq
+# take wide query tiles (BLOCK_M) over narrow key tiles; dk/dv the mirror image. The tuner
+# (tuned_launch) times the candidates once per shape class.
+_TILES = {
+    ("fwd", 64, "tc"): {"all": ((128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)),
+                        "plain": ((128, 64, 4, 3), (128, 128, 8, 3))},
+    ("fwd", 128, "tc"): {"all": ((128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 3), (64, 32, 4, 2)),
+                         "plain": ((128, 64, 8, 2),)},
+    ("fwd", 256, "tc"): {"all": ((64, 32, 8, 2),), "plain": ((64, 32, 4, 2), (32, 32, 4, 2), (64, 16, 4, 2))},
+    ("dq", 64, "tc"): {"all": ((128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)), "plain": ((128, 32, 4, 3),)},
+    ("dq", 128, "tc"): {"all": ((128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 3), (64, 32, 4, 2)),
+                        "plain": ((128, 64, 8, 2),)},
+    ("dq", 256, "tc"): {"all": ((32, 32, 4, 2),), "plain": ((64, 32, 4, 2), (64, 16, 4, 2), (64, 32, 8, 2))},
+    ("dkdv", 64, "tc"): {"all": ((32, 128, 8, 2), (32, 64, 4, 3)), "plain": ((64, 128, 8, 2), (64, 64, 4, 3))},
+    ("dkdv", 128, "tc"): {"all": ((32, 64, 8, 3), (16, 128, 8, 2)), "plain": ((32, 64, 4, 3),)},
+    ("dkdv", 256, "tc"): {"all": ((32, 32, 8, 2),), "plain": ((16, 32, 8, 2),)},
+    # TF32: 4-byte operands, the same register tiles as fp16/bf16 where shared memory allows.
+    ("fwd", 64, "tf32"): {"all": ((64, 64, 4, 3), (64, 32, 4, 3)), "plain": ((128, 64, 8, 2),)},
+    ("fwd", 128, "tf32"): {"all": ((64, 32, 4, 2), (128, 32, 8, 2)), "plain": ()},
+    ("fwd", 256, "tf32"): {"all": ((32, 32, 4, 2),), "plain": ()},
+    ("dq", 64, "tf32"): {"all": ((64, 32, 4, 3), (64, 64, 4, 2)), "plain": ()},
+    ("dq", 128, "tf32"): {"all": ((64, 32, 4, 2), (128, 32, 8, 2)), "plain": ()},
+    ("dq", 256, "tf32"): {"all": ((32, 32, 4, 2),), "plain": ()},
+    ("dkdv", 64, "tf32"): {"all": ((32, 64, 4, 2), (32, 128, 8, 2)), "plain": ()},
+    ("dkdv", 128, "tf32"): {"all": ((32, 64, 4, 2),), "plain": ()},
+    ("dkdv", 256, "tf32"): {"all": ((16, 32, 8, 2),), "plain": ()},
+    # FMA units (IEEE fp32, fp64 for gradcheck): score and accumulator tiles in plain
+    # registers, no tensor-core fragments; small tiles.
+    ("fwd", 64, "fma"): {"all": ((32, 32, 4, 2),), "plain": ()},
+    ("fwd", 128, "fma"): {"all": ((32, 32, 4, 2),), "plain": ()},
+    ("fwd", 256, "fma"): {"all": ((16, 32, 4, 2),), "plain": ()},
+    ("dq", 64, "fma"): {"all": ((32, 32, 4, 2),), "plain": ()},
+    ("dq", 128, "fma"): {"all": ((32, 32, 4, 2),), "plain": ()},
+    ("dq", 256, "fma"): {"all": ((16, 32, 4, 2),), "plain": ()},
+    ("dkdv", 64, "fma"): {"all": ((32, 32, 4, 2),), "plain": ()},
+    ("dkdv", 128, "fma"): {"all": ((32, 32, 4, 2),), "plain": ()},
+    ("dkdv", 256, "fma"): {"all": ((32, 16, 4, 2),), "plain": ()},
+    ("fwd", 64, "fp64"): {"all": ((32, 32, 4, 2),), "plain": ()},
+    ("fwd", 128, "fp64"): {"all": ((16, 32, 4, 2),), "plain": ()},
+    ("fwd", 256, "fp64"): {"all": ((16, 16, 4, 2),), "plain": ()},
+    ("dq", 64, "fp64"): {"all": ((32, 32, 4, 2),), "plain": ()},
+    ("dq", 128, "fp64"): {"all": ((16, 32, 4, 2),), "plain": ()},
+    ("dq", 256, "fp64"): {"all": ((16, 16, 4, 2),), "plain": ()},
+    ("dkdv", 64, "fp64"): {"all": ((32, 32, 4, 2),), "plain": ()},
+    ("dkdv", 128, "fp64"): {"all": ((32, 16, 4, 2),), "plain": ()},
+    ("dkdv", 256, "fp64"): {"all": ((16, 16, 4, 2),), "plain": ()},
+}
 
 
-def bwd_configs(device: torch.device, head_dim: int, seqlen_q: int, seqlen_k: int, kind: str) -> list[dict]:
-    """kind "dkdv": tall key tiles over short query tiles (dk, dv stay in registers);
-    kind "dq": the mirror image."""
+def _arith(dtype: torch.dtype) -> str:
+    if dtype == torch.float64:
+        return "fp64"
+    if dtype == torch.float32:
+        return "tf32" if _precision(dtype) == "tf32" else "fma"
+    return "tc"
+
+
+def attn_configs(kind: str, device: torch.device, head_dim: int, seqlen_q: int, seqlen_k: int, dtype: torch.dtype,
+                 plain: bool) -> list[dict]:
+    """Candidate tiles for kind "fwd", "dq" or "dkdv" (see _TILES). plain: no mask, ALiBi,
+    dropout, varlen or GQA. The interpreter runs programs one by one: one big tile."""
     if not _common.gpu_launch(device):
         return [_cfg(max(16, min(64, next_pow2(seqlen_q))), max(16, min(64, next_pow2(seqlen_k))), 4, 1)]
-    if kind == "dkdv":
-        if head_dim <= 128:
-            return [_cfg(32, 128, 4, 3), _cfg(64, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3)]
-        return [_cfg(32, 64, 4, 2), _cfg(16, 64, 4, 2), _cfg(32, 32, 4, 2)]
-    if head_dim <= 128:
-        return [_cfg(128, 32, 4, 3), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3)]
-    return [_cfg(64, 32, 4, 2), _cfg(64, 16, 4, 2), _cfg(32, 32, 4, 2)]
+    tiles = _TILES[(kind, 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256, _arith(dtype))]
+    chosen = tiles["all"] + (tiles["plain"] if plain else ())
+    return [_cfg(*t) for t in chosen]
 
 
 DECODE_MAX_ROWS = 64      # GROUP * Sq query rows one decode program holds
@@ -710,9 +765,10 @@ def flash_attn_fwd(q, k, v, attn_mask, alibi_slopes, cu_q, cu_k, max_sq: int, ma
                 bottom_right, BLOCK_D, BLOCK_DV)
         return o, lse
     lse_strides = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
-    configs = fwd_configs(q.device, max(D, DV), max_sq, max_sk)
+    plain = mask_kind == MASK_NONE and alibi_slopes is None and dropout_p == 0 and not varlen
+    configs = attn_configs("fwd", q.device, max(D, DV), max_sq, max_sk, q.dtype, plain)
     key = ("fwd", D, DV, _bucket(max_sq), _bucket(max_sk), mask_kind, alibi_slopes is not None, varlen,
-           right == 0, dropout_p > 0, str(q.dtype))
+           right == 0, dropout_p > 0, str(q.dtype), _precision(q.dtype))
     tuned_launch(
         _flash_attn_fwd_kernel, lambda c: (triton.cdiv(max_sq, c["BLOCK_M"]), B * Hq), configs, key, q.device,
         q, k, v, o, lse, mask, slopes, cu_q if varlen else dummy, cu_k if varlen else dummy,
@@ -788,10 +844,11 @@ def flash_attn_bwd(do, q, k, v, o, lse, attn_mask, alibi_slopes, cu_q, cu_k, max
     seed_t = seed if seed is not None else dummy
     cu_q_t, cu_k_t = (cu_q, cu_k) if varlen else (dummy, dummy)
     key = (D, DV, _bucket(max_sq), _bucket(max_sk), mask_kind, alibi_slopes is not None, varlen, right == 0,
-           dropout_p > 0, group, str(q.dtype))
+           dropout_p > 0, group, str(q.dtype), _precision(q.dtype))
+    plain = mask_kind == MASK_NONE and alibi_slopes is None and dropout_p == 0 and not varlen and group == 1
     tuned_launch(
         _flash_attn_bwd_dkdv_kernel, lambda c: (triton.cdiv(max_sk, c["BLOCK_N"]), B * Hk),
-        bwd_configs(q.device, max(D, DV), max_sq, max_sk, "dkdv"), ("dkdv",) + key, q.device,
+        attn_configs("dkdv", q.device, max(D, DV), max_sq, max_sk, q.dtype, plain), ("dkdv",) + key, q.device,
         q, k, v, do, lse, delta, dk, dv, mask, slopes, cu_q_t, cu_k_t, seed_t,
         *_bhs(q, varlen), *_bhs(k, varlen), *_bhs(v, varlen), *_bhs(do, varlen), *_bhs(dk, varlen),
         *_bhs(dv, varlen), *ms, *ss, *lse_strides, Hk, group, max_sq, max_sk, scales, left, right,
@@ -799,7 +856,7 @@ def flash_attn_bwd(do, q, k, v, o, lse, attn_mask, alibi_slopes, cu_q, cu_k, max
     dm_strides = dmask.stride() if mask_grad else (0, 0, 0, 0)
     tuned_launch(
         _flash_attn_bwd_dq_kernel, lambda c: (triton.cdiv(max_sq, c["BLOCK_M"]), B * Hq),
-        bwd_configs(q.device, max(D, DV), max_sq, max_sk, "dq"), ("dq", mask_grad) + key, q.device,
+        attn_configs("dq", q.device, max(D, DV), max_sq, max_sk, q.dtype, plain), ("dq", mask_grad) + key, q.device,
         q, k, v, do, lse, delta, dq, mask, dmask if mask_grad else dummy, slopes, cu_q_t, cu_k_t, seed_t,
         *_bhs(q, varlen), *_bhs(k, varlen), *_bhs(v, varlen), *_bhs(do, varlen), *_bhs(dq, varlen),
         *ms, *dm_strides, *ss, *lse_strides, Hq, group, max_sq, max_sk, scales, left, right, float(dropout_p),

@@ -8,18 +8,19 @@ multiplies it with a (BLOCK_K x BLOCK_N) weight tile on the tensor cores.
 
 GEMM views (per group g; M rows, N columns, K reduction):
 - forward: M = batch*P*Q output pixels, N = Kg output channels, K = (r, s, Cg input channels).
-  The reduction walks the taps (r, s) outermost and channels innermost, so with a
-  channels_last input every row of the gathered tile is a contiguous run of channels.
 - dgrad:   M = batch*H*W input pixels, N = Cg input channels, K = (r, s, Kg output channels);
   an input pixel h takes output row p only where (h + pad - r*dil) is a multiple of the
   stride (masked otherwise).
-- wgrad:   M = Kg output channels, N = Cg*R*S weight columns (torch's (c, r, s) order),
-  K = batch*P*Q; the reduction is split over programs (float32 partials summed after, no
-  atomics) so small weights still fill the GPU. It also sums dy per output channel: the
-  bias gradient, for free from the tiles it already loads.
+- wgrad:   one GEMM per tap (r, s): M = Kg output channels, N = Cg input channels,
+  K = batch*P*Q output pixels; the reduction is split over programs (float32 partials
+  summed after, no atomics) so small weights still fill the GPU. It also sums dy per output
+  channel: the bias gradient, for free from the tiles it already loads.
+The forward and dgrad reductions run as one flat loop over (tap, channel block), so the
+software pipeline keeps loads in flight across taps.
 
-Every tensor is addressed through its four strides, so NCHW and channels_last (and any
-other strided layout) go through the same code; the outputs take the input's layout.
+Layout: the kernels address every tensor through its four strides, but the launchers hand
+them NHWC activations and (K, R, S, C) weights (see "layout" below), so channels are
+contiguous and every tile row loads as vectors. Outputs are returned in the input's layout.
 Accumulation is float32 (float64 for float64); fp32 inputs use TF32 exactly when torch's
 cuDNN convolutions would (torch.backends.cudnn.allow_tf32).
 """
@@ -48,13 +49,24 @@ def _swizzle(pid, grid_m, grid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _tap(it, c_blocks, KH: tl.constexpr, KW: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Reduction step `it` of the flattened (tap, channel block) loop: (r, s, c0)."""
+    if KH * KW == 1:
+        # A 1x1 kernel's (K, C, 1, 1) weight has degenerate tap strides (often 1): keep the
+        # tap offset a literal 0, so the compiler still sees 16-byte aligned weight rows.
+        return 0, 0, it * BLOCK_K
+    tap = it // c_blocks
+    return tap // KW, tap % KW, (it - tap * c_blocks) * BLOCK_K
+
+
+@triton.jit
 def _conv2d_fwd_kernel(
     X, Wt, Bias, Res, Y, Z,
     batch, H, W, P, Q, Cg, Kg,
-    sxn, sxc, sxh, sxw,          # input strides
-    swk, swc, swr, sws,          # weight (K, Cg, R, S) strides
-    syn, syk, syp, syq,          # output strides (also Z's)
-    srn, srk, srp, srq,          # residual strides
+    sxn, sxc, sxh, sxw,          # input strides (the launcher passes NHWC: sxc == 1)
+    swk, swc, swr, sws,          # weight (K, Cg, R, S) strides (the launcher passes (K, R, S, Cg) storage: swc == 1)
+    syn, syk, syp, syq,          # output strides (also Z's; NHWC)
+    srn, srk, srp, srq,          # residual strides (NHWC)
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, slope,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, STORE_Z: tl.constexpr,
@@ -64,7 +76,9 @@ def _conv2d_fwd_kernel(
     M = batch * P * Q
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(Kg, BLOCK_N), GROUP_M)
     g = tl.program_id(1)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Pixel and channel indices are int32 (the launcher checks that batch*P*Q and one image
+    # fit); only the image offset n * sxn is int64, once per row, outside the loop.
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < Kg
@@ -74,33 +88,37 @@ def _conv2d_fwd_kernel(
     q = pq % Q
     h0 = p * stride_h - pad_h
     w0 = q * stride_w - pad_w
-    x_rows = X + n * sxn + g.to(tl.int64) * Cg * sxc
+    x_rows = X + (n.to(tl.int64) * sxn + g.to(tl.int64) * Cg * sxc)
     k_glob = g * Kg + offs_n
     w_cols = Wt + k_glob.to(tl.int64) * swk
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for r in range(KH):
+    # One flat loop over (tap, channel block), so the software pipeline overlaps the loads
+    # of the next tap with the MMAs of this one even when Cg fits one block (64 channels).
+    c_blocks = tl.cdiv(Cg, BLOCK_K)
+    for it in range(0, KH * KW * c_blocks):
+        r, s, c0 = _tap(it, c_blocks, KH, KW, BLOCK_K)
         h = h0 + r * dil_h
-        h_ok = m_mask & (h >= 0) & (h < H)
-        for s in range(KW):
-            w = w0 + s * dil_w
-            row_ok = h_ok & (w >= 0) & (w < W)
-            x_ptrs = x_rows + h * sxh + w * sxw
-            w_ptrs = w_cols + r * swr + s * sws
-            for c0 in range(0, Cg, BLOCK_K):
-                c = c0 + offs_k
-                c_ok = c < Cg
-                xt = tl.load(x_ptrs[:, None] + c[None, :] * sxc, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-                wt = tl.load(w_ptrs[None, :] + c[:, None] * swc, mask=c_ok[:, None] & n_mask[None, :], other=0.0)
-                acc += tl.dot(xt, wt, input_precision=PRECISION, out_dtype=ACC)
+        w = w0 + s * dil_w
+        row_ok = m_mask & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        c = c0 + offs_k
+        c_ok = c < Cg
+        # NHWC: each row of the A tile is a contiguous run of channels (vector loads).
+        xt = tl.load(x_rows[:, None] + (h * sxh + w * sxw)[:, None] + c[None, :] * sxc,
+                     mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        wt = tl.load(w_cols[None, :] + (r * swr + s * sws) + c[:, None] * swc,
+                     mask=c_ok[:, None] & n_mask[None, :], other=0.0)
+        acc += tl.dot(xt, wt, input_precision=PRECISION, out_dtype=ACC)
     # Epilogue: everything a ResNet block does after the conv, while the tile is in registers.
     if HAS_BIAS:
         acc += tl.load(Bias + k_glob, mask=n_mask, other=0.0).to(ACC)[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
+    n64 = n.to(tl.int64)
     if HAS_RES:
-        res = tl.load(Res + (n * srn + p * srp + q * srq)[:, None] + k_glob[None, :] * srk, mask=out_mask, other=0.0)
+        res = tl.load(Res + (n64 * srn + p * srp + q * srq)[:, None] + k_glob[None, :] * srk, mask=out_mask,
+                      other=0.0)
         acc += res.to(ACC)
-    y_off = (n * syn + p * syp + q * syq)[:, None] + k_glob[None, :] * syk
+    y_off = (n64 * syn + p * syp + q * syq)[:, None] + k_glob[None, :] * syk
     if STORE_Z:
         tl.store(Z + y_off, acc.to(Z.dtype.element_ty), mask=out_mask)
     acc = act_fwd(acc, ACT, slope)
@@ -111,9 +129,9 @@ def _conv2d_fwd_kernel(
 def _conv2d_dgrad_kernel(
     DY, Wt, Bias, DX, Z,
     batch, H, W, P, Q, Cg, Kg,
-    syn, syk, syp, syq,          # dy strides (the conv's output)
-    swk, swc, swr, sws,
-    sxn, sxc, sxh, sxw,          # dx strides (the conv's input)
+    syn, syk, syp, syq,          # dy strides (the conv's output; NHWC)
+    swk, swc, swr, sws,          # weight strides ((K, R, S, Cg) storage: swc == 1)
+    sxn, sxc, sxh, sxw,          # dx strides (the conv's input; NHWC)
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, slope,
     KH: tl.constexpr, KW: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_Z: tl.constexpr,
@@ -124,7 +142,7 @@ def _conv2d_dgrad_kernel(
     M = batch * H * W
     pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(Cg, BLOCK_N), GROUP_M)
     g = tl.program_id(1)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < Cg
@@ -132,35 +150,35 @@ def _conv2d_dgrad_kernel(
     hw = offs_m % (H * W)
     h = hw // W
     w = hw % W
-    dy_rows = DY + n * syn + g.to(tl.int64) * Kg * syk
+    dy_rows = DY + (n.to(tl.int64) * syn + g.to(tl.int64) * Kg * syk)
     c_glob = g * Cg + offs_n
-    w_cols = Wt + g.to(tl.int64) * Kg * swk + offs_n * swc
+    w_cols = Wt + (g.to(tl.int64) * Kg * swk + offs_n * swc)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for r in range(KH):
+    k_blocks = tl.cdiv(Kg, BLOCK_K)
+    for it in range(0, KH * KW * k_blocks):
+        r, s, k0 = _tap(it, k_blocks, KH, KW, BLOCK_K)
         # Output row p reads input row h through tap r iff p*stride = h + pad - r*dil.
         # Clamp before % and // so negative numerators never meet C-vs-Python rounding.
         hp = h + pad_h - r * dil_h
+        wq = w + pad_w - s * dil_w
         hp_c = tl.where(hp >= 0, hp, 0)
+        wq_c = tl.where(wq >= 0, wq, 0)
         p = hp_c // stride_h
-        p_ok = m_mask & (hp >= 0) & (hp_c % stride_h == 0) & (p < P)
-        for s in range(KW):
-            wq = w + pad_w - s * dil_w
-            wq_c = tl.where(wq >= 0, wq, 0)
-            q = wq_c // stride_w
-            row_ok = p_ok & (wq >= 0) & (wq_c % stride_w == 0) & (q < Q)
-            dy_ptrs = dy_rows + p * syp + q * syq
-            w_ptrs = w_cols + r * swr + s * sws
-            for k0 in range(0, Kg, BLOCK_K):
-                k = k0 + offs_k
-                k_ok = k < Kg
-                dyt = tl.load(dy_ptrs[:, None] + k[None, :] * syk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                wt = tl.load(w_ptrs[None, :] + k[:, None] * swk, mask=k_ok[:, None] & n_mask[None, :], other=0.0)
-                acc += tl.dot(dyt, wt, input_precision=PRECISION, out_dtype=ACC)
+        q = wq_c // stride_w
+        row_ok = (m_mask & (hp >= 0) & (hp_c - p * stride_h == 0) & (p < P)
+                  & (wq >= 0) & (wq_c - q * stride_w == 0) & (q < Q))
+        k = k0 + offs_k
+        k_ok = k < Kg
+        dyt = tl.load(dy_rows[:, None] + (p * syp + q * syq)[:, None] + k[None, :] * syk,
+                      mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_cols[None, :] + (r * swr + s * sws) + k[:, None] * swk,
+                     mask=k_ok[:, None] & n_mask[None, :], other=0.0)
+        acc += tl.dot(dyt, wt, input_precision=PRECISION, out_dtype=ACC)
     if HAS_BIAS:
         acc += tl.load(Bias + c_glob, mask=n_mask, other=0.0).to(ACC)[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
-    x_off = (n * sxn + h * sxh + w * sxw)[:, None] + c_glob[None, :] * sxc
+    x_off = (n.to(tl.int64) * sxn + h * sxh + w * sxw)[:, None] + c_glob[None, :] * sxc
     if STORE_Z:
         tl.store(Z + x_off, acc.to(Z.dtype.element_ty), mask=out_mask)
     acc = act_fwd(acc, ACT, slope)
@@ -169,34 +187,37 @@ def _conv2d_dgrad_kernel(
 
 @triton.jit
 def _conv2d_wgrad_kernel(
-    DY, X, DWp, DBp,             # DWp: (splits, K, Cg*KH*KW) partials; DBp: (splits, K)
+    DY, X, DWp, DBp,             # DWp: (splits, K, R, S, Cg) float32 partials; DBp: (splits, K)
     batch, H, W, P, Q, Cg, Kg, K_total, rows_per_split, splits,
-    syn, syk, syp, syq,
-    sxn, sxc, sxh, sxw,
+    syn, syk, syp, syq,          # dy strides (NHWC: syk == 1)
+    sxn, sxc, sxh, sxw,          # x strides (NHWC: sxc == 1)
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr, HAS_DB: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    CRS = Cg * KH * KW
-    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(Kg, BLOCK_M), tl.cdiv(CRS, BLOCK_N), GROUP_M)
+    # One GEMM per tap (r, s): dW[k, r, s, c] = sum over output pixels t of
+    # dy[t, k] * x[pixel(t) shifted by the tap, c]. The tap is fixed per program, so both
+    # tiles are plain NHWC rows (channels contiguous) with one validity bit per pixel.
+    c_tiles = tl.cdiv(Cg, BLOCK_N)
+    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(Kg, BLOCK_M), KH * KW * c_tiles, GROUP_M)
     g = tl.program_id(1) // splits
     split = tl.program_id(1) % splits
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)       # output channel within the group
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)       # (c, r, s) weight column
+    tap = pid_n // c_tiles
+    r = tap // KW
+    s = tap % KW
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                # output channel within the group
+    offs_n = (pid_n - tap * c_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)  # input channel within the group
     m_mask = offs_m < Kg
-    n_mask = offs_n < CRS
-    c = offs_n // (KH * KW)
-    r = (offs_n % (KH * KW)) // KW
-    s = offs_n % KW
+    n_mask = offs_n < Cg
     k_glob = g * Kg + offs_m
     dy_cols = DY + k_glob.to(tl.int64) * syk
-    x_cols = X + (g * Cg + c).to(tl.int64) * sxc
+    x_cols = X + (g * Cg + offs_n).to(tl.int64) * sxc
     h_tap = r * dil_h - pad_h
     w_tap = s * dil_w - pad_w
     PQ = P * Q
     rows = batch * PQ
-    start = split.to(tl.int64) * rows_per_split
+    start = split * rows_per_split
     end = tl.minimum(start + rows_per_split, rows)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
@@ -205,20 +226,22 @@ def _conv2d_wgrad_kernel(
         t = t0 + offs_k
         t_ok = t < end
         n = t // PQ
-        pq = t % PQ
+        pq = t - n * PQ
         p = pq // Q
-        q = pq % Q
-        dyt = tl.load(dy_cols[:, None] + (n * syn + p * syp + q * syq)[None, :],
+        q = pq - p * Q
+        n64 = n.to(tl.int64)
+        dyt = tl.load(dy_cols[:, None] + (n64 * syn + p * syp + q * syq)[None, :],
                       mask=m_mask[:, None] & t_ok[None, :], other=0.0)
-        h = (p * stride_h)[:, None] + h_tap[None, :]
-        w = (q * stride_w)[:, None] + w_tap[None, :]
-        x_ok = t_ok[:, None] & n_mask[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        xt = tl.load(x_cols[None, :] + (n * sxn)[:, None] + h * sxh + w * sxw, mask=x_ok, other=0.0)
+        h = p * stride_h + h_tap
+        w = q * stride_w + w_tap
+        x_ok = t_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        xt = tl.load(x_cols[None, :] + (n64 * sxn + h * sxh + w * sxw)[:, None],
+                     mask=x_ok[:, None] & n_mask[None, :], other=0.0)
         acc += tl.dot(dyt, xt, input_precision=PRECISION, out_dtype=ACC)
         if HAS_DB:
             db += tl.sum(dyt.to(ACC), axis=1)
-    part = DWp + split.to(tl.int64) * K_total * CRS
-    tl.store(part + k_glob[:, None].to(tl.int64) * CRS + offs_n[None, :], acc,
+    part = DWp + split.to(tl.int64) * K_total * KH * KW * Cg
+    tl.store(part + ((k_glob[:, None] * KH + r) * KW + s) * Cg + offs_n[None, :], acc,
              mask=m_mask[:, None] & n_mask[None, :])
     if HAS_DB:
         if pid_n == 0:
@@ -238,25 +261,52 @@ def _block_k(reduce_channels: int, cap: int) -> int:
     return max(16, min(cap, next_pow2(reduce_channels)))
 
 
-def gemm_configs(device: torch.device, rows: int, cols: int, red_channels: int, dtype: torch.dtype) -> list[dict]:
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Tensor-core tiles for fp16/bf16 (wgmma on
+# Hopper: 64 accumulator rows per warpgroup); TF32 halves the K tile (4-byte elements, same
+# shared memory). fp32 without TF32 and fp64 run the dot on FMA units, where a 128x128 fp32
+# accumulator alone is 128 registers a thread: small tiles, and fp64 (gradcheck) one tile.
+_TC_TILES = ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4),
+             (64, 64, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3))
+_TF32_TILES = ((128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 3))
+# The FMA tiles are the ones ptxas compiles without a spill for every shape the static report
+# drives (it spills a few bytes at 80-170 registers for some others, e.g. 64x64x16 on 4 warps).
+_FMA_TILES = {"fwd": ((128, 64, 16, 8, 2), (64, 64, 32, 4, 3), (32, 32, 32, 4, 2)),
+              "dgrad": ((128, 64, 16, 8, 2), (64, 64, 32, 4, 3), (32, 32, 32, 4, 2)),
+              "wgrad": ((64, 64, 32, 8, 2), (64, 32, 32, 4, 2), (32, 32, 32, 4, 2))}
+_FP64_TILES = ((32, 32, 16, 4, 2),)
+SMEM_LIMIT = 232448   # bytes of shared memory one CTA may use on Hopper (sm_90)
+
+
+def gemm_configs(kind: str, device: torch.device, rows: int, cols: int, red_channels: int, dtype: torch.dtype,
+                 heavy_epilogue: bool = False) -> list[dict]:
     """Candidate tiles for an implicit GEMM with `rows` x `cols` outputs whose reduction runs
     over `red_channels` per tap. The GPU list spans tall, wide and square tiles (tuned_launch
-    picks by timing); the interpreter gets one large tile, since it runs programs serially."""
+    picks by timing), clipped to the problem and pruned to what fits in shared memory; the
+    interpreter gets one large tile, since it runs programs serially. kind: fwd, dgrad or wgrad.
+
+    heavy_epilogue (a residual tile, a second output or a transcendental activation): at
+    most 64 accumulator registers a thread. A 128-register accumulator (128x128 on one
+    warpgroup, 128x256 on two) leaves no room for the epilogue's extra tile and spills
+    (the static report shows 40-670 B a thread); a plain epilogue fits beside it."""
     if not _common.gpu_launch(device):
         # The interpreter's cost is per loop iteration and program, nearly flat in tile size.
         return [dict(BLOCK_M=max(16, min(256, next_pow2(rows))), BLOCK_N=max(16, min(256, next_pow2(cols))),
                      BLOCK_K=_block_k(red_channels, 128), GROUP_M=8, num_warps=4)]
-    wide = dtype == torch.float64 or dtype == torch.float32
-    cands = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4),
-             (64, 64, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)]
-    if wide:  # 4- and 8-byte elements: halve the K tile so stages fit in shared memory
-        cands = [(bm, bn, bk // 2, w, min(st, 3)) for bm, bn, bk, w, st in cands[:5]]
+    if dtype == torch.float64:
+        cands = _FP64_TILES
+    elif dtype == torch.float32:
+        cands = _TF32_TILES if _precision(dtype) == "tf32" else _FMA_TILES[kind]
+    else:
+        cands = _TC_TILES
+    size = torch.empty((), dtype=dtype).element_size()
     out, seen = [], set()
     for bm, bn, bk, warps, stages in cands:
         bn = max(16, min(bn, next_pow2(cols)))
         bm = max(16, min(bm, next_pow2(rows)))
         bk = _block_k(red_channels, bk)
-        if (bm, bn, bk) in seen:
+        if (bm, bn, bk) in seen or stages * (bm + bn) * bk * size > SMEM_LIMIT:
+            continue
+        if heavy_epilogue and bm * bn > 64 * 32 * warps:
             continue
         seen.add((bm, bn, bk))
         out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages))
@@ -267,6 +317,9 @@ def _bucket(v: int) -> int:
     return next_pow2(v)
 
 
+_LIGHT_ACTIVATIONS = ("identity", "relu", "leaky_relu")
+
+
 def _act_id(activation: str) -> int:
     return ACTIVATIONS[activation]
 
@@ -275,9 +328,43 @@ def _strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(t.stride())
 
 
+# --- layout ----------------------------------------------------------------------------------
+# The kernels read and write NHWC activations and (K, R, S, C) weights: channels are the
+# GEMM reduction (or output) axis, so with unit channel stride every tile row is a
+# contiguous run that loads as 16-byte vectors through cp.async. A tensor in another layout
+# (NCHW, PyTorch's default) is converted once around the kernel, as cuDNN does for NCHW
+# tensor-core convolutions; a model moved to channels_last (weights included, as
+# `model.to(memory_format=torch.channels_last)` does) pays no conversion at all. Gathering
+# NCHW tiles in the kernel instead costs scalar 2-byte loads that cannot go through
+# cp.async, and the register-staged pipeline then spills (21.9 KB a thread, issue #9).
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    """t itself when it is dense NHWC (channels_last), else an NHWC copy."""
+    return t if t.is_contiguous(memory_format=torch.channels_last) else t.contiguous(memory_format=torch.channels_last)
+
+
+def _as_layout(t: torch.Tensor, like_format: torch.memory_format) -> torch.Tensor:
+    return t if like_format == torch.channels_last else t.contiguous()
+
+
+def _nhwc_out(x: torch.Tensor, shape: tuple[int, int, int, int], dtype: torch.dtype | None = None) -> torch.Tensor:
+    return empty(shape, dtype=dtype or x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
 def output_like(x: torch.Tensor, shape: tuple[int, int, int, int], dtype: torch.dtype | None = None) -> torch.Tensor:
     """A new (N, C, H, W) tensor in x's memory format: channels_last in, channels_last out."""
     return empty(shape, dtype=dtype or x.dtype, device=x.device, memory_format=memory_format(x))
+
+
+_INT32 = 2**31
+
+
+def _check_int32(what: str, *sizes: int) -> None:
+    """The kernels index pixels and one image in int32 (the batch offset is int64)."""
+    for size in sizes:
+        if size >= _INT32:
+            raise ValueError(f"{what}: a single image or the batch's pixel count has {size} elements, more than the "
+                             f"2^31 - 1 the conv kernels index in 32 bits; split the batch")
 
 
 # --- launchers ------------------------------------------------------------------------------
@@ -286,23 +373,29 @@ def conv2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], groups: int,
                out_hw: tuple[int, int], activation: str, slope: float, store_z: bool):
     """y = act(conv2d(x, weight) + bias + residual). padding is the top/left pad (the
-    bottom/right pad is implied by out_hw). Returns (y, z) where z is the pre-activation
-    (written only when store_z, else an empty tensor)."""
+    bottom/right pad is implied by out_hw). Returns (y, z) in x's memory format, where z is
+    the pre-activation (written only when store_z, else an empty tensor)."""
     N, C, H, W = x.shape
     K, Cg, KH, KW = weight.shape
     G = groups
     Kg = K // G
     P, Q = out_hw
-    y = output_like(x, (N, K, P, Q))
-    z = output_like(x, (N, K, P, Q)) if store_z else x.new_empty((0,))
+    fmt = memory_format(x)
     M = N * P * Q
     if M == 0 or K == 0:
-        return y, z
+        y = output_like(x, (N, K, P, Q))
+        return y, (output_like(x, (N, K, P, Q)) if store_z else x.new_empty((0,)))
+    _check_int32("conv2d", M, C * H * W, K * P * Q)
+    x, weight = _nhwc(x), _nhwc(weight)
+    residual = _nhwc(residual) if residual is not None else None
+    y = _nhwc_out(x, (N, K, P, Q))
+    z = _nhwc_out(x, (N, K, P, Q)) if store_z else x.new_empty((0,))
     if Cg * KH * KW == 0:  # no input channels: the conv is just the epilogue
         y.zero_()
     res = residual if residual is not None else y
-    configs = gemm_configs(x.device, M, Kg, Cg, x.dtype)
-    key = (_bucket(M), Kg, Cg, KH, KW, stride, G > 1, str(x.dtype), x.is_contiguous())
+    heavy = residual is not None or store_z or activation not in _LIGHT_ACTIVATIONS
+    configs = gemm_configs("fwd", x.device, M, Kg, Cg, x.dtype, heavy)
+    key = (_bucket(M), Kg, Cg, KH, KW, stride, G > 1, str(x.dtype), _precision(x.dtype), heavy)
     tuned_launch(
         _conv2d_fwd_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(Kg, c["BLOCK_N"]), G),
         configs, key, x.device,
@@ -311,7 +404,7 @@ def conv2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], float(slope),
         KH=KH, KW=KW, HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=_act_id(activation),
         STORE_Z=store_z, ACC=acc_dtype(x.dtype), PRECISION=_precision(x.dtype))
-    return y, z
+    return _as_layout(y, fmt), (_as_layout(z, fmt) if store_z else z)
 
 
 def conv2d_dgrad(dy: torch.Tensor, weight: torch.Tensor, input_shape: tuple[int, int, int, int],
@@ -324,14 +417,18 @@ def conv2d_dgrad(dy: torch.Tensor, weight: torch.Tensor, input_shape: tuple[int,
     G = groups
     Kg = K // G
     _, _, P, Q = dy.shape
-    like = dy if like is None else like
-    dx = output_like(like, (N, C, H, W), dy.dtype)
-    z = output_like(like, (N, C, H, W), dy.dtype) if store_z else dy.new_empty((0,))
+    fmt = memory_format(dy if like is None else like)
     M = N * H * W
     if M == 0 or C == 0:
-        return dx, z
-    configs = gemm_configs(dy.device, M, Cg, Kg, dy.dtype)
-    key = (_bucket(M), Kg, Cg, KH, KW, tuple(stride), G > 1, str(dy.dtype), dy.is_contiguous())
+        dx = output_like(dy if like is None else like, (N, C, H, W), dy.dtype)
+        return dx, (torch.empty_like(dx) if store_z else dy.new_empty((0,)))
+    _check_int32("conv2d (input gradient)", M, C * H * W, K * P * Q)
+    dy, weight = _nhwc(dy), _nhwc(weight)
+    dx = _nhwc_out(dy, (N, C, H, W))
+    z = _nhwc_out(dy, (N, C, H, W)) if store_z else dy.new_empty((0,))
+    heavy = store_z or activation not in _LIGHT_ACTIVATIONS
+    configs = gemm_configs("dgrad", dy.device, M, Cg, Kg, dy.dtype, heavy)
+    key = (_bucket(M), Kg, Cg, KH, KW, tuple(stride), G > 1, str(dy.dtype), _precision(dy.dtype), heavy)
     tuned_launch(
         _conv2d_dgrad_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(Cg, c["BLOCK_N"]), G),
         configs, key, dy.device,
@@ -340,7 +437,7 @@ def conv2d_dgrad(dy: torch.Tensor, weight: torch.Tensor, input_shape: tuple[int,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], float(slope),
         KH=KH, KW=KW, HAS_BIAS=bias is not None, ACT=_act_id(activation), STORE_Z=store_z,
         ACC=acc_dtype(dy.dtype), PRECISION=_precision(dy.dtype))
-    return dx, z
+    return _as_layout(dx, fmt), (_as_layout(z, fmt) if store_z else z)
 
 
 def _wgrad_splits(device: torch.device, tiles: int, rows: int, block_k: int) -> int:
@@ -360,29 +457,32 @@ def conv2d_wgrad(dy: torch.Tensor, x: torch.Tensor, weight_shape: tuple[int, int
     G = groups
     Kg = K // G
     _, _, P, Q = dy.shape
-    CRS = Cg * KH * KW
     rows = N * P * Q
     acc = acc_torch_dtype(dy.dtype)
-    if rows == 0 or CRS == 0 or K == 0:
+    if rows == 0 or Cg * KH * KW == 0 or K == 0:
         return (torch.zeros(weight_shape, dtype=out_dtype, device=x.device),
                 torch.zeros((K,), dtype=out_dtype, device=x.device) if need_bias else None)
-    configs = gemm_configs(dy.device, Kg, CRS, 64 if _common.gpu_launch(dy.device) else rows, dy.dtype)
+    _check_int32("conv2d (weight gradient)", rows, C * H * W, K * P * Q)
+    dy, x = _nhwc(dy), _nhwc(x)
+    # The reduction runs over output pixels: BLOCK_K from the GPU list, not from channels.
+    configs = gemm_configs("wgrad", dy.device, Kg, Cg, 64 if _common.gpu_launch(dy.device) else rows, dy.dtype)
     # Tiles and split count depend on the config, and partial buffers on the split count: take
     # the split from the first config and keep it for every candidate.
     c0 = configs[0]
-    tiles = triton.cdiv(Kg, c0["BLOCK_M"]) * triton.cdiv(CRS, c0["BLOCK_N"]) * G
+    tiles = triton.cdiv(Kg, c0["BLOCK_M"]) * triton.cdiv(Cg, c0["BLOCK_N"]) * KH * KW * G
     splits = _wgrad_splits(dy.device, tiles, rows, c0["BLOCK_K"])
     rows_per = triton.cdiv(triton.cdiv(rows, splits), 64) * 64
     splits = triton.cdiv(rows, rows_per)
-    dw_part = empty((splits, K, CRS), dtype=acc, device=x.device)
+    dw_part = empty((splits, K, KH, KW, Cg), dtype=acc, device=x.device)
     db_part = empty((splits, K), dtype=acc, device=x.device) if need_bias else dw_part
-    key = (_bucket(rows), Kg, Cg, KH, KW, tuple(stride), G > 1, str(dy.dtype), splits)
+    key = (_bucket(rows), Kg, Cg, KH, KW, tuple(stride), G > 1, str(dy.dtype), _precision(dy.dtype), splits)
     tuned_launch(
-        _conv2d_wgrad_kernel, lambda c: (triton.cdiv(Kg, c["BLOCK_M"]) * triton.cdiv(CRS, c["BLOCK_N"]), G * splits),
+        _conv2d_wgrad_kernel,
+        lambda c: (triton.cdiv(Kg, c["BLOCK_M"]) * triton.cdiv(Cg, c["BLOCK_N"]) * KH * KW, G * splits),
         configs, key, dy.device,
         dy, x, dw_part, db_part, N, H, W, P, Q, Cg, Kg, K, rows_per, splits,
         *_strides4(dy), *_strides4(x), stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         KH=KH, KW=KW, HAS_DB=need_bias, ACC=acc_dtype(dy.dtype), PRECISION=_precision(dy.dtype))
-    dw = (dw_part[0] if splits == 1 else dw_part.sum(0)).view(weight_shape).to(out_dtype)
+    dw = (dw_part[0] if splits == 1 else dw_part.sum(0)).permute(0, 3, 1, 2).to(out_dtype)
     db = (db_part[0] if splits == 1 else db_part.sum(0)).to(out_dtype) if need_bias else None
     return dw, db

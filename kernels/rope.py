@@ -83,7 +83,9 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: to
     spb, sps = (position_ids.stride(0), position_ids.stride(1)) if position_ids is not None else (0, 0)
     rest = D - 2 * r_half
     gpu = _common.gpu_launch(x.device)
-    block_s = max(1, min(next_pow2(S), (2048 if gpu else 8192) // next_pow2(r_half)))
+    # 1024 (row, pair) elements a program on a GPU: 8 a thread, each with x1, x2, cos, sin and
+    # a 64-bit table offset live (2048 spilled in fp16); the interpreter prefers big tiles.
+    block_s = max(1, min(next_pow2(S), (1024 if gpu else 8192) // next_pow2(r_half)))
     _rope_kernel[(triton.cdiv(S, block_s), B * H)](
         x, y, cos, sin, pos, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
         scb, scs, spb, sps, H, S, D, r_half, seqlen_offset,

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The main job: set up (scripts/env.sh), report the backends, run the end-to-end swap demo,
 # train a CNN on the digits data and a small GPT on Python's own sources (full short runs on
-# a GPU; a few interpreted steps on a CPU), then the quick benchmark on the default device (a GPU if present; else a
-# functional run on the CPU through Triton's interpreter).
+# a GPU; a few interpreted steps on a CPU), then, on a GPU, the quick benchmark; without one,
+# the static kernel report (every kernel compiled for Hopper: registers, spills, tensor
+# cores, occupancy), which is what can be known about the kernels' speed there. The
+# interpreter's functional benchmark run is part of the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
@@ -22,4 +24,8 @@ else
   python examples/train_gpt.py --n-layer 1 --n-embd 32 --n-head 2 --seq-len 32 --batch-size 4 --steps 3 \
     --eval-every 0 --sample 16
 fi
-python -m fastnets bench --quick --out "${FASTNETS_BENCH_OUT:-bench-out}" "$@"
+if [ "$GPU" = 1 ]; then
+  python -m fastnets bench --quick --out "${FASTNETS_BENCH_OUT:-bench-out}" "$@"
+else
+  python -m fastnets kernels --quiet --out "${FASTNETS_BENCH_OUT:-bench-out}" "$@"
+fi

@@ -340,23 +340,26 @@ def test_errors():
                                                                                   v[:, :1].expand(1, 3, 6, 16)))
     big = torch.randn(1, 1, 4, 257, device=DEVICE)
     _raises(ValueError, "up to 256", lambda: fa(big, big, big))
-    _raises(ValueError, "not both", lambda: sdpa(q, q, q, torch.ones(5, 5, dtype=torch.bool), is_causal=True))
-    _raises(ValueError, "attn_mask of shape", lambda: sdpa(q, q, q, torch.ones(3, 5)))
-    _raises(TypeError, "attn_mask must be bool", lambda: sdpa(q, q, q, torch.ones(5, 5, dtype=torch.int64)))
+    _raises(ValueError, "not both", lambda: sdpa(q, q, q, torch.ones(5, 5, dtype=torch.bool, device=DEVICE),
+                                                 is_causal=True))
+    _raises(ValueError, "attn_mask of shape", lambda: sdpa(q, q, q, torch.ones(3, 5, device=DEVICE)))
+    _raises(TypeError, "attn_mask must be bool", lambda: sdpa(q, q, q, torch.ones(5, 5, dtype=torch.int64,
+                                                                                         device=DEVICE)))
     _raises(ValueError, "dropout_p", lambda: sdpa(q, q, q, dropout_p=1.0))
     _raises(TypeError, "share a dtype", lambda: sdpa(q, q.half(), q))
     _raises(ValueError, "layout", lambda: fa(q, q, q, layout="sbhd"))
     _raises(ValueError, "causal must be", lambda: fa(q, q, q, causal="diagonal"))
     _raises(TypeError, "window", lambda: fa(q, q, q, window=(1, 2, 3)))
-    _raises(ValueError, "alibi_slopes must have shape", lambda: fa(q, q, q, alibi_slopes=torch.ones(3)))
+    _raises(ValueError, "alibi_slopes must have shape", lambda: fa(q, q, q, alibi_slopes=torch.ones(3, device=DEVICE)))
     packed = torch.randn(10, 2, 16, device=DEVICE)
     cu = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE)
     _raises(ValueError, "rise from 0 to the packed length 10",
-            lambda: fa(packed, packed, packed, cu_seqlens_q=torch.tensor([0, 4, 9], dtype=torch.int32),
+            lambda: fa(packed, packed, packed, cu_seqlens_q=torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE),
                        cu_seqlens_k=cu, layout="thd"))
     _raises(ValueError, "need layout='thd'", lambda: fa(q, q, q, cu_seqlens_q=cu, cu_seqlens_k=cu))
     _raises(ValueError, "same batch", lambda: fa(packed, packed, packed, cu_seqlens_q=cu,
-                                                 cu_seqlens_k=torch.tensor([0, 10], dtype=torch.int32), layout="thd"))
+                                                 cu_seqlens_k=torch.tensor([0, 10], dtype=torch.int32, device=DEVICE),
+                                                 layout="thd"))
     _raises(ValueError, "max_seqlen", lambda: fa(packed, packed, packed, cu_seqlens_q=cu, cu_seqlens_k=cu,
                                                  max_seqlen_q=3, layout="thd"))
     _raises(ValueError, "4-D", lambda: fa(packed, packed, packed))

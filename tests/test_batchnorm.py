@@ -84,16 +84,18 @@ def test_batch_norm_gradcheck_float64():
     with expect_backend("batch_norm"):
         assert torch.autograd.gradcheck(lambda x, w, b: ops.batch_norm(x, None, None, w, b, True, activation="silu"),
                                         (x, w, b), fast_mode=True)
-        rm, rv = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+        rm = torch.randn(4, device=DEVICE, dtype=torch.float64)
+        rv = torch.rand(4, device=DEVICE, dtype=torch.float64) + 0.5
         assert torch.autograd.gradcheck(lambda x, w, b: ops.batch_norm(x, rm, rv, w, b, False), (x, w, b),
                                         fast_mode=True)
 
 
 def test_fold_conv_bn_matches_conv_then_bn():
     x = torch.randn(2, 3, 7, 7, device=DEVICE, dtype=torch.float64)
-    cw, cb = torch.randn(5, 3, 3, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
-    rm, rv = torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64) + 0.5
-    g, beta = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    f64 = dict(device=DEVICE, dtype=torch.float64)
+    cw, cb = torch.randn(5, 3, 3, 3, **f64), torch.randn(5, **f64)
+    rm, rv = torch.randn(5, **f64), torch.rand(5, **f64) + 0.5
+    g, beta = torch.randn(5, **f64), torch.randn(5, **f64)
     w2, b2 = ops.fold_conv_bn(cw, cb, rm, rv, g, beta, 1e-5)
     want = F.batch_norm(F.conv2d(x, cw, cb, padding=1), rm, rv, g, beta, False, 0.1, 1e-5)
     torch.testing.assert_close(F.conv2d(x, w2, b2, padding=1), want)
@@ -102,8 +104,8 @@ def test_fold_conv_bn_matches_conv_then_bn():
 @pytest.mark.parametrize("call, match", [
     (lambda x: ops.batch_norm(x, None, None, training=False), "running_mean and running_var"),
     (lambda x: ops.batch_norm(x[:1, :, :1, :1], None, None, training=True), "more than 1 value"),
-    (lambda x: ops.batch_norm(x, None, None, torch.ones(3), training=True), "weight"),
-    (lambda x: ops.batch_norm(x, torch.zeros(5), torch.ones(4), training=True), "running_mean"),
+    (lambda x: ops.batch_norm(x, None, None, x.new_ones(3), training=True), "weight"),
+    (lambda x: ops.batch_norm(x, x.new_zeros(5), x.new_ones(4), training=True), "running_mean"),
     (lambda x: ops.batch_norm(x[0, 0, 0], None, None, training=True), "at least 2 dims"),
     (lambda x: ops.batch_norm(x, None, None, training=True, activation="mish"), "activation"),
 ])

@@ -132,8 +132,12 @@ def test_loss_backends_and_errors():
     t = torch.randint(0, 6, (5,), device=DEVICE)
     with fastnets.backend("torch"), expect_backend("cross_entropy", "torch"):
         torch.testing.assert_close(ops.cross_entropy(x, t), F.cross_entropy(x, t))
-    with pytest.raises(ValueError, match="outside"):
-        ops.cross_entropy(x, torch.tensor([0, 1, 2, 3, 6], device=DEVICE))
+    bad = torch.tensor([0, 1, 2, 3, 6], device=DEVICE)
+    if DEVICE.type == "cpu":
+        with pytest.raises(ValueError, match="outside"):
+            ops.cross_entropy(x, bad)
+    else:   # no host sync per step on CUDA: the kernel makes that row's loss NaN instead
+        assert torch.isnan(ops.cross_entropy(x, bad))
     with pytest.raises(ValueError, match="reduction"):
         ops.cross_entropy(x, t, reduction="avg")
     with pytest.raises(ValueError, match="label_smoothing"):
@@ -141,10 +145,10 @@ def test_loss_backends_and_errors():
     with pytest.raises(ValueError, match="target must have shape"):
         ops.cross_entropy(x, t[:4])
     with pytest.raises(ValueError, match="weight must have shape"):
-        ops.cross_entropy(x, t, torch.ones(5))
+        ops.cross_entropy(x, t, torch.ones(5, device=DEVICE))
     with pytest.raises(TypeError, match="integer class indices"):
         ops.cross_entropy(x, t.to(torch.bool))
     with pytest.raises(ValueError, match="weight must be"):
-        ops.linear_cross_entropy(x, torch.randn(6, 4), t)
+        ops.linear_cross_entropy(x, torch.randn(6, 4, device=DEVICE), t)
     with pytest.raises(ValueError, match="chunk_size"):
-        ops.linear_cross_entropy(x, torch.randn(7, 6), t, chunk_size=0)
+        ops.linear_cross_entropy(x, torch.randn(7, 6, device=DEVICE), t, chunk_size=0)

@@ -202,4 +202,5 @@ def resnet50_cases(device: torch.device, quick: bool) -> list[Case]:
     flops = 3 * 4.1e9 * batch  # forward ~4.1 GFLOPs/image, backward twice that
     return [Case("model", "resnet50_train_step", f"batch {batch}", batch, torch.bfloat16, inputs, impls,
                  batch * 3 * 224 * 224 * 4, 0, modes=("fwd_bwd",), flops_fwd=int(flops / 3),
-                 flops_bwd=int(2 * flops / 3))]
+                 flops_bwd=int(2 * flops / 3),
+                 check_rel=0.05)]

@@ -3,9 +3,17 @@
 On CUDA: triton.testing.do_bench (CUDA events, warm-up, median and 20/80% quantiles),
 inputs rotated over enough copies to exceed L2 so timings are of HBM, not cache; achieved
 GB/s (TFLOP/s) is reported against ceilings measured in the same run: a 1 GiB
-device-to-device copy and an 8192^3 bf16 matmul. On a CPU the same cases run end to end
-(Triton interpreter vs torch reference on tiny sizes) as a functional run: its times are
-labelled as such and are not speed figures.
+device-to-device copy and 8192^3 bf16 and fp32 matmuls. Every row also carries its
+roofline: the lower-bound time of its bytes at the copy bandwidth and of its FLOPs at the
+matmul rate, and the fraction of that bound the measurement reaches.
+
+Before timing, each case checks fastnets' output (and input gradients) against torch's on
+the same inputs (fastnets.reference.tolerances); a fastnets implementation that raises or
+disagrees makes the run fail, naming the case. A peer that is not installed is skipped; a
+peer that fails is reported and does not fail the run.
+
+On a CPU the same cases run end to end (Triton interpreter vs torch reference on tiny sizes)
+as a functional run: its times are labelled as such and are not speed figures.
 """
 from __future__ import annotations
 
@@ -45,6 +53,17 @@ class Case:
     # against the measured bf16 matmul rate. 0 for memory-bound ops.
     flops_fwd: int = 0
     flops_bwd: int = 0
+    # Correctness check before timing: the relative norm error of fastnets' output against
+    # the "torch" impl's; None takes the dtype's bench_rel (whole models: a loose bound).
+    check_rel: float | None = None
+
+
+class CaseFailure(Exception):
+    """fastnets itself raised or computed something wrong on a benchmark case."""
+
+
+def is_ours(impl_name: str) -> bool:
+    return impl_name.startswith("fastnets")
 
 
 def device_name(device: torch.device) -> str:
@@ -57,10 +76,12 @@ def device_slug(device: torch.device) -> str:
 
 
 def measure_ceilings(device: torch.device, quick: bool) -> dict:
-    """Copy bandwidth (bytes read + written per second) and dense bf16 matmul rate, measured
-    on this device now; the denominators of every 'fraction of peak' we report."""
+    """Copy bandwidth (bytes read + written per second) and dense bf16 / fp32 matmul rates
+    (fp32 under torch's TF32 setting), measured on this device now; the denominators of every
+    'fraction of peak' and of the rooflines we report."""
     if device.type != "cuda":
-        return {"copy_gbps": None, "matmul_bf16_tflops": None, "note": "CPU functional run: no ceilings"}
+        return {"copy_gbps": None, "matmul_bf16_tflops": None, "matmul_fp32_tflops": None,
+                "note": "CPU functional run: no ceilings"}
     from triton.testing import do_bench
     rep = 40 if quick else 100
 
@@ -68,12 +89,24 @@ def measure_ceilings(device: torch.device, quick: bool) -> dict:
         src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
         return 2 * n * 4 / do_bench(lambda: dst.copy_(src), warmup=25, rep=rep, return_mode="median") / 1e6
 
-    def matmul_tflops(m=8192):  # random data: zeros run faster than real inputs
-        a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
-        b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    def matmul_tflops(dtype, m=8192):  # random data: zeros run faster than real inputs
+        a = torch.randn(m, m, device=device, dtype=dtype)
+        b = torch.randn(m, m, device=device, dtype=dtype)
         return 2 * m**3 / do_bench(lambda: a @ b, warmup=25, rep=rep, return_mode="median") / 1e9
 
-    return {"copy_gbps": copy_gbps(), "matmul_bf16_tflops": matmul_tflops()}
+    return {"copy_gbps": copy_gbps(), "matmul_bf16_tflops": matmul_tflops(torch.bfloat16),
+            "matmul_fp32_tflops": matmul_tflops(torch.float32),
+            "fp32_tf32": bool(torch.backends.cuda.matmul.allow_tf32)}
+
+
+def roofline_ms(nbytes: int, nflops: int, dtype: torch.dtype, ceilings: dict) -> float | None:
+    """Lower-bound time of one call: its bytes at the copy bandwidth or its FLOPs at the
+    matmul rate of its dtype, whichever takes longer (None without ceilings)."""
+    copy = ceilings.get("copy_gbps")
+    rate = ceilings.get("matmul_fp32_tflops" if dtype in (torch.float32, torch.float64) else "matmul_bf16_tflops")
+    if not copy or not rate:
+        return None
+    return max(nbytes / copy / 1e6, nflops / rate / 1e9)
 
 
 def _time(fn: Callable, device: torch.device, quick: bool, grad_to_none=None) -> tuple[float, float, float]:
@@ -102,7 +135,69 @@ def _tensors(inputs) -> list:
     return [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
+def _floating_leaves(inputs) -> list:
+    return [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check_case(case: Case, device: torch.device) -> str | None:
+    """fastnets' output and input gradients against the "torch" impl's on one input set
+    (same values, same upstream gradient). Returns what is wrong with fastnets, or None; a
+    torch impl that cannot run leaves nothing to compare with (None)."""
+    if "torch" not in case.impls:
+        return None
+    from ..reference.tolerances import TOLERANCES
+    bound = case.check_rel if case.check_rel is not None else TOLERANCES[case.dtype].bench_rel
+    inputs = case.make_inputs(device)
+    backward = "bwd" in case.modes or "fwd_bwd" in case.modes
+
+    def run(name, g=None):
+        copies = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+                  for t in inputs]
+        out = case.impls[name](*copies)
+        grads = []
+        if backward and out.requires_grad:
+            if g is None:
+                g = torch.randn_like(out)
+            grads = list(torch.autograd.grad(out, _floating_leaves(copies), g.to(out.dtype), allow_unused=True))
+        return out, grads, g
+
+    try:
+        ref_out, ref_grads, g = run("torch")
+    except Exception:   # the peer cannot run this case: nothing to compare with
+        return None
+    problems = []
+    for name in (n for n in case.impls if is_ours(n)):
+        try:
+            out, grads, _ = run(name, g)
+        except Exception as exc:
+            problems.append(f"{name} raised {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+            continue
+        if out.shape != ref_out.shape:
+            problems.append(f"{name}: output shape {tuple(out.shape)} != torch's {tuple(ref_out.shape)}")
+            continue
+        err = _rel_err(out, ref_out)
+        if not err <= bound:
+            problems.append(f"{name}: output relative error {err:.3g} > {bound:.3g}")
+        for i, (gr, rg) in enumerate(zip(grads, ref_grads)):
+            if gr is not None and rg is not None and not (err := _rel_err(gr, rg)) <= bound:
+                problems.append(f"{name}: gradient of input {i} relative error {err:.3g} > {bound:.3g}")
+    return "; ".join(problems) or None
+
+
 def run_case(case: Case, device: torch.device, quick: bool, ceilings: dict) -> list[dict]:
+    """Time every impl in every mode. Raises CaseFailure (after timing the peers) when a
+    fastnets impl raises or fails the correctness check."""
+    failures = []
+    problem = check_case(case, device)
+    if problem:
+        failures.append(f"correctness: {problem}")
     sets = _input_sets(case, device)
     rows = []
     for impl_name, fn in case.impls.items():
@@ -142,26 +237,38 @@ def run_case(case: Case, device: torch.device, quick: bool, ceilings: dict) -> l
                     torch.cuda.synchronize()
                     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
                 error = None
-            except Exception as exc:  # a peer that cannot run this case is reported, not fatal
+            except Exception as exc:
                 median = lo = hi = peak = None
                 error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                if isinstance(exc, ImportError) and not is_ours(impl_name):
+                    error = "skipped (not installed): " + error
+                elif is_ours(impl_name):
+                    failures.append(f"{impl_name} {mode}: {error}")
             # A functional (CPU interpreter) run reports times only: no GB/s, no speedups.
-            gbps = nbytes / median / 1e6 if (median and device.type == "cuda") else None
-            tflops = nflops / median / 1e9 if (median and nflops and device.type == "cuda") else None
-            if device.type != "cuda":
-                impl_name = {"fastnets": "fastnets (interpreter)", "torch": "torch (reference)"}.get(impl_name, impl_name)
+            gpu = device.type == "cuda"
+            gbps = nbytes / median / 1e6 if (median and gpu) else None
+            tflops = nflops / median / 1e9 if (median and nflops and gpu) else None
+            bound = roofline_ms(nbytes, nflops, case.dtype, ceilings) if gpu else None
+            label = impl_name
+            if not gpu:
+                label = {"fastnets": "fastnets (interpreter)", "torch": "torch (reference)"}.get(impl_name, impl_name)
             copy = ceilings.get("copy_gbps")
+            rate = ceilings.get("matmul_fp32_tflops" if case.dtype in (torch.float32, torch.float64)
+                                else "matmul_bf16_tflops")
             rows.append({
                 "family": case.family, "op": case.op, "label": case.label, "size": case.size,
-                "dtype": str(case.dtype).replace("torch.", ""), "impl": impl_name, "mode": mode,
-                "ms_median": median, "ms_p20": lo, "ms_p80": hi, "bytes": nbytes, "gbps": gbps,
+                "dtype": str(case.dtype).replace("torch.", ""), "impl": label, "mode": mode,
+                "ms_median": median, "ms_p20": lo, "ms_p80": hi, "bytes": nbytes, "flops": nflops, "gbps": gbps,
                 "frac_of_copy_bw": (gbps / copy) if (gbps and copy) else None, "tflops": tflops,
-                "frac_of_matmul": (tflops / ceilings["matmul_bf16_tflops"])
-                if (tflops and ceilings.get("matmul_bf16_tflops")) else None,
+                "frac_of_matmul": (tflops / rate) if (tflops and rate) else None,
+                "roofline_ms": bound, "frac_of_roofline": (bound / median) if (bound and median) else None,
                 "peak_mem_mib": peak, "error": error,
             })
             for t in leaves:
                 t.grad = None
+    if failures:
+        raise CaseFailure(f"{case.op} {case.label} {str(case.dtype).replace('torch.', '')}: " + " | ".join(failures),
+                          rows)
     return rows
 
 
@@ -171,6 +278,21 @@ def _git_commit() -> str:
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
     except OSError:
         return "unknown"
+
+
+def _gpu_state() -> dict | None:
+    """Clocks, power limit, memory and driver as nvidia-smi reports them now."""
+    fields = ("name", "driver_version", "memory.total", "clocks.sm", "clocks.max.sm", "clocks.mem", "clocks.max.mem",
+              "power.limit", "temperature.gpu", "pcie.link.gen.current")
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if not out:
+        return None
+    values = [v.strip() for v in out[0].split(",")]
+    return dict(zip(fields, values))
 
 
 def environment(device: torch.device, command: str, quick: bool) -> dict:
@@ -184,6 +306,7 @@ def environment(device: torch.device, command: str, quick: bool) -> dict:
 
     return {
         "device": device_name(device), "functional_run": device.type != "cuda", "quick": quick,
+        "gpu": _gpu_state() if device.type == "cuda" else None,
         "torch": torch.__version__, "triton": version("triton"), "cuda": torch.version.cuda,
         "python": platform.python_version(), "git_commit": _git_commit(), "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -204,14 +327,17 @@ def speedups(rows: list[dict], functional: bool = False) -> None:
 
 
 def table(rows: list[dict], ceilings: dict) -> str:
-    headers = ["op", "shape", "dtype", "mode", "impl", "ms", "GB/s", "% copy BW", "TFLOP/s", "% matmul", "x torch",
-               "peak MiB"]
+    headers = ["op", "shape", "dtype", "mode", "impl", "ms", "bound ms", "% roofline", "GB/s", "% copy BW", "TFLOP/s",
+               "% matmul", "x torch", "peak MiB"]
 
     def fmt(v, spec):
         return format(v, spec) if isinstance(v, (int, float)) else ("error" if v is None else str(v))
 
     body = [[r["op"], r["label"], r["dtype"], r["mode"], r["impl"],
-             fmt(r["ms_median"], ".4f") if not r["error"] else "error",
+             fmt(r["ms_median"], ".4f") if not r["error"] else ("skipped" if r["error"].startswith("skipped")
+                                                                else "error"),
+             fmt(r.get("roofline_ms"), ".4f") if r.get("roofline_ms") else "-",
+             fmt(100 * r["frac_of_roofline"], ".0f") if r.get("frac_of_roofline") else "-",
              fmt(r["gbps"], ".0f") if r["gbps"] else "-",
              fmt(100 * r["frac_of_copy_bw"], ".0f") if r["frac_of_copy_bw"] else "-",
              fmt(r.get("tflops"), ".1f") if r.get("tflops") else "-",
@@ -225,7 +351,9 @@ def table(rows: list[dict], ceilings: dict) -> str:
         text = "\n".join(" | ".join(map(str, line)) for line in [headers] + body)
     if ceilings.get("copy_gbps"):
         text += (f"\n\nceilings measured in this run: copy {ceilings['copy_gbps']:.0f} GB/s, "
-                 f"bf16 matmul {ceilings['matmul_bf16_tflops']:.0f} TFLOP/s")
+                 f"bf16 matmul {ceilings['matmul_bf16_tflops']:.0f} TFLOP/s, fp32 matmul "
+                 f"{ceilings.get('matmul_fp32_tflops') or 0:.0f} TFLOP/s. bound ms: the roofline, max(bytes / copy "
+                 f"bandwidth, FLOPs / matmul rate); % roofline: bound / measured.")
     return text
 
 
