@@ -150,8 +150,7 @@ def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, lo, hi, q_pos, q_ok, mask_rows
             p = tl.where(_dropout_keep(seed, drop_rows, kv_idx, dropout_p), p, 0.0)
         v = _load_tile(v_base + kv_idx[:, None] * svs + offs_dv[None, :], kv_ok, offs_dv < DV, BOUNDARY,
                        BLOCK_DV != DV)
-        # Accumulate into the rescaled acc inside the MMA: no second (BLOCK_M, DV) tile.
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -621,35 +620,36 @@ _TILES = {
     ("dkdv", 64, "tc"): {"all": ((32, 128, 8, 2), (32, 64, 4, 3)), "plain": ((64, 128, 8, 2), (64, 64, 4, 3))},
     ("dkdv", 128, "tc"): {"all": ((32, 64, 8, 3), (16, 128, 8, 2)), "plain": ((32, 64, 4, 3),)},
     ("dkdv", 256, "tc"): {"all": ((32, 32, 8, 2),), "plain": ((16, 32, 8, 2),)},
-    # TF32: 4-byte operands, the same register tiles as fp16/bf16 where shared memory allows.
-    ("fwd", 64, "tf32"): {"all": ((64, 64, 4, 3), (64, 32, 4, 3)), "plain": ((128, 64, 8, 2),)},
-    ("fwd", 128, "tf32"): {"all": ((64, 32, 4, 2), (128, 32, 8, 2)), "plain": ()},
-    ("fwd", 256, "tf32"): {"all": ((32, 32, 4, 2),), "plain": ()},
-    ("dq", 64, "tf32"): {"all": ((64, 32, 4, 3), (64, 64, 4, 2)), "plain": ()},
-    ("dq", 128, "tf32"): {"all": ((64, 32, 4, 2), (128, 32, 8, 2)), "plain": ()},
-    ("dq", 256, "tf32"): {"all": ((32, 32, 4, 2),), "plain": ()},
-    ("dkdv", 64, "tf32"): {"all": ((32, 64, 4, 2), (32, 128, 8, 2)), "plain": ()},
-    ("dkdv", 128, "tf32"): {"all": ((32, 64, 4, 2),), "plain": ()},
-    ("dkdv", 256, "tf32"): {"all": ((16, 32, 8, 2),), "plain": ()},
-    # FMA units (IEEE fp32, fp64 for gradcheck): score and accumulator tiles in plain
-    # registers, no tensor-core fragments; small tiles.
-    ("fwd", 64, "fma"): {"all": ((32, 32, 4, 2),), "plain": ()},
-    ("fwd", 128, "fma"): {"all": ((32, 32, 4, 2),), "plain": ()},
-    ("fwd", 256, "fma"): {"all": ((16, 32, 4, 2),), "plain": ()},
-    ("dq", 64, "fma"): {"all": ((32, 32, 4, 2),), "plain": ()},
-    ("dq", 128, "fma"): {"all": ((32, 32, 4, 2),), "plain": ()},
-    ("dq", 256, "fma"): {"all": ((16, 32, 4, 2),), "plain": ()},
-    ("dkdv", 64, "fma"): {"all": ((32, 32, 4, 2),), "plain": ()},
-    ("dkdv", 128, "fma"): {"all": ((32, 32, 4, 2),), "plain": ()},
-    ("dkdv", 256, "fma"): {"all": ((32, 16, 4, 2),), "plain": ()},
-    ("fwd", 64, "fp64"): {"all": ((32, 32, 4, 2),), "plain": ()},
-    ("fwd", 128, "fp64"): {"all": ((16, 32, 4, 2),), "plain": ()},
-    ("fwd", 256, "fp64"): {"all": ((16, 16, 4, 2),), "plain": ()},
+    # TF32: 4-byte operands, twice the register fragments of 16-bit ones: narrower key tiles.
+    ("fwd", 64, "tf32"): {"all": ((128, 32, 8, 2), (64, 32, 4, 3), (64, 32, 4, 2)), "plain": ((128, 64, 8, 2),)},
+    ("fwd", 128, "tf32"): {"all": ((128, 32, 8, 2), (128, 16, 8, 2), (64, 16, 4, 2)), "plain": ((64, 32, 4, 2),)},
+    ("fwd", 256, "tf32"): {"all": ((32, 16, 4, 2),), "plain": ((32, 32, 4, 2), (64, 16, 8, 2))},
+    ("dq", 64, "tf32"): {"all": ((128, 32, 8, 2), (64, 32, 4, 3), (64, 32, 4, 2)), "plain": ((64, 64, 4, 2),)},
+    ("dq", 128, "tf32"): {"all": ((128, 32, 8, 2), (128, 16, 8, 2), (64, 16, 4, 2)), "plain": ((64, 32, 4, 2),)},
+    ("dq", 256, "tf32"): {"all": ((16, 16, 8, 2),), "plain": ((32, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 2))},
+    ("dkdv", 64, "tf32"): {"all": ((32, 128, 8, 2), (32, 64, 4, 2), (16, 64, 4, 2)), "plain": ((32, 64, 8, 2),)},
+    ("dkdv", 128, "tf32"): {"all": ((32, 32, 8, 2), (16, 32, 8, 2), (16, 32, 4, 2)), "plain": ((16, 128, 8, 2),)},
+    ("dkdv", 256, "tf32"): {"all": ((16, 32, 8, 1), (16, 16, 8, 2), (16, 16, 4, 2)), "plain": ((16, 32, 8, 2),)},
+    # FMA units (IEEE fp32, fp64 for gradcheck): score and accumulator tiles in plain registers,
+    # operands re-read per k step; small tiles. Where even the smallest spills a little (IEEE
+    # fp32 dq and fp64 above head dim 128), tests/test_static_kernels.py allowlists it, bounded.
+    ("fwd", 64, "fma"): {"all": ((32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2)), "plain": ()},
+    ("fwd", 128, "fma"): {"all": ((16, 16, 4, 2),), "plain": ()},
+    ("fwd", 256, "fma"): {"all": ((16, 16, 4, 2),), "plain": ()},
+    ("dq", 64, "fma"): {"all": ((32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2)), "plain": ()},
+    ("dq", 128, "fma"): {"all": ((16, 16, 4, 2),), "plain": ()},
+    ("dq", 256, "fma"): {"all": ((16, 16, 4, 2),), "plain": ()},
+    ("dkdv", 64, "fma"): {"all": ((32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2)), "plain": ()},
+    ("dkdv", 128, "fma"): {"all": ((16, 16, 4, 2),), "plain": ()},
+    ("dkdv", 256, "fma"): {"all": ((16, 16, 4, 2), (16, 16, 4, 1)), "plain": ()},
+    ("fwd", 64, "fp64"): {"all": ((16, 16, 4, 2),), "plain": ()},
+    ("fwd", 128, "fp64"): {"all": ((16, 32, 4, 2), (32, 16, 4, 2)), "plain": ()},
+    ("fwd", 256, "fp64"): {"all": ((16, 16, 4, 1),), "plain": ()},
     ("dq", 64, "fp64"): {"all": ((32, 32, 4, 2),), "plain": ()},
-    ("dq", 128, "fp64"): {"all": ((16, 32, 4, 2),), "plain": ()},
+    ("dq", 128, "fp64"): {"all": ((16, 32, 4, 2), (16, 16, 4, 2)), "plain": ()},
     ("dq", 256, "fp64"): {"all": ((16, 16, 4, 2),), "plain": ()},
-    ("dkdv", 64, "fp64"): {"all": ((32, 32, 4, 2),), "plain": ()},
-    ("dkdv", 128, "fp64"): {"all": ((32, 16, 4, 2),), "plain": ()},
+    ("dkdv", 64, "fp64"): {"all": ((16, 32, 4, 2), (32, 16, 4, 2)), "plain": ()},
+    ("dkdv", 128, "fp64"): {"all": ((16, 16, 4, 2),), "plain": ()},
     ("dkdv", 256, "fp64"): {"all": ((16, 16, 4, 2),), "plain": ()},
 }
 
@@ -789,20 +789,24 @@ def _decode(q, k, v, o, lse, mask, mask_kind, ms, slopes, ss, has_alibi, scales,
     group = Hq // Hk
     rows = group * Sq
     BLOCK_R = max(16, next_pow2(rows))
-    blocks = triton.cdiv(Sk, DECODE_BLOCK_N)
+    block_n = DECODE_BLOCK_N
+    # 4-byte K/V tiles: two stages (76 KB of shared memory; three spilled). IEEE float32 runs
+    # its dots on FMA units, and with a mask or ALiBi only one stage fits in registers.
+    stages = 3 if q.dtype != torch.float32 else (1 if _arith(q.dtype) == "fma" and (mask_kind or has_alibi) else 2)
+    blocks = triton.cdiv(Sk, block_n)
     target = max(1, 2 * _common.persistent_programs(q.device, 1 << 30, per_sm=1) // (B * Hk))
     if not _common.gpu_launch(q.device):
         target = min(target, 4)
-    keys_per_split = DECODE_BLOCK_N * triton.cdiv(blocks, min(target, blocks))
+    keys_per_split = block_n * triton.cdiv(blocks, min(target, blocks))
     splits = triton.cdiv(Sk, keys_per_split)
     o_part = empty((B * Hk, splits, BLOCK_R, DV), dtype=torch.float32, device=q.device)
     lse_part = empty((B * Hk, splits, BLOCK_R), dtype=torch.float32, device=q.device)
     _flash_attn_decode_kernel[(splits, B * Hk)](
         q, k, v, o_part, lse_part, mask, slopes, *_bhs(q, False), *_bhs(k, False), *_bhs(v, False), *ms, *ss,
         Hk, group, Sq, Sk, keys_per_split, scales, left, right,
-        D=D, DV=DV, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_R=BLOCK_R, BLOCK_N=DECODE_BLOCK_N,
+        D=D, DV=DV, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_R=BLOCK_R, BLOCK_N=block_n,
         MASK_KIND=mask_kind, HAS_ALIBI=has_alibi, BOTTOM_RIGHT=bottom_right,
-        PREC=_precision(q.dtype), num_warps=4, num_stages=3)
+        PREC=_precision(q.dtype), num_warps=4, num_stages=stages)
     _flash_attn_combine_kernel[(B * Hk, rows)](
         o_part, lse_part, o, lse, *_bhs(o, False), Hk, group, Sq, splits,
         DV=DV, BLOCK_DV=BLOCK_DV, BLOCK_S=next_pow2(splits), ROWS_STRIDE=BLOCK_R, num_warps=4)
@@ -830,8 +834,11 @@ def flash_attn_bwd(do, q, k, v, o, lse, attn_mask, alibi_slopes, cu_q, cu_k, max
     delta = torch.empty_like(lse)
     dummy = delta
     lse_strides = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
-    pre_m = 64 if _common.gpu_launch(q.device) else max(16, min(128, next_pow2(max_sq)))
     BLOCK_D, BLOCK_DV = max(16, next_pow2(D)), max(16, next_pow2(DV))
+    # delta is memory-bound: 2048 (o, dO) pairs a program, 16 a thread on 4 warps (1024 for
+    # float64); 64 rows of 256 columns kept 256 float32 values a thread and spilled.
+    pre_m = (max(1, (1024 if q.dtype == torch.float64 else 2048) // BLOCK_DV) if _common.gpu_launch(q.device)
+             else max(16, min(128, next_pow2(max_sq))))
     _flash_attn_bwd_preprocess_kernel[(triton.cdiv(max_sq, pre_m), B * Hq)](
         o, do, delta, cu_q if varlen else dummy, *_bhs(o, varlen), *_bhs(do, varlen), *lse_strides, Hq, max_sq,
         DV=DV, BLOCK_DV=BLOCK_DV, BLOCK_M=pre_m, VARLEN=varlen)

@@ -450,8 +450,11 @@ def _wgrad_splits(device: torch.device, tiles: int, rows: int, block_k: int) -> 
 
 
 def conv2d_wgrad(dy: torch.Tensor, x: torch.Tensor, weight_shape: tuple[int, int, int, int],
-                 stride, padding, dilation, groups: int, need_bias: bool, out_dtype: torch.dtype):
-    """(dweight, dbias or None): dweight in out_dtype, reduced in float32 partials."""
+                 stride, padding, dilation, groups: int, need_bias: bool, out_dtype: torch.dtype,
+                 weight_format: torch.memory_format = torch.contiguous_format):
+    """(dweight, dbias or None): dweight in out_dtype and in weight_format (the weight's own
+    layout, so it matches the custom op's fake implementation, torch.empty_like(weight)),
+    reduced in float32 partials."""
     N, C, H, W = x.shape
     K, Cg, KH, KW = weight_shape
     G = groups
@@ -460,7 +463,7 @@ def conv2d_wgrad(dy: torch.Tensor, x: torch.Tensor, weight_shape: tuple[int, int
     rows = N * P * Q
     acc = acc_torch_dtype(dy.dtype)
     if rows == 0 or Cg * KH * KW == 0 or K == 0:
-        return (torch.zeros(weight_shape, dtype=out_dtype, device=x.device),
+        return (torch.zeros(weight_shape, dtype=out_dtype, device=x.device, memory_format=weight_format),
                 torch.zeros((K,), dtype=out_dtype, device=x.device) if need_bias else None)
     _check_int32("conv2d (weight gradient)", rows, C * H * W, K * P * Q)
     dy, x = _nhwc(dy), _nhwc(x)
@@ -483,6 +486,7 @@ def conv2d_wgrad(dy: torch.Tensor, x: torch.Tensor, weight_shape: tuple[int, int
         dy, x, dw_part, db_part, N, H, W, P, Q, Cg, Kg, K, rows_per, splits,
         *_strides4(dy), *_strides4(x), stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         KH=KH, KW=KW, HAS_DB=need_bias, ACC=acc_dtype(dy.dtype), PRECISION=_precision(dy.dtype))
-    dw = (dw_part[0] if splits == 1 else dw_part.sum(0)).permute(0, 3, 1, 2).to(out_dtype)
+    dw = (dw_part[0] if splits == 1 else dw_part.sum(0)).permute(0, 3, 1, 2)   # (K, Cg, R, S), NHWC strides
+    dw = dw.to(dtype=out_dtype, memory_format=weight_format)
     db = (db_part[0] if splits == 1 else db_part.sum(0)).to(out_dtype) if need_bias else None
     return dw, db

@@ -89,8 +89,12 @@ def _launch(logits, target, weight, wsum, loss, lse, dlogits, grad, stride_g, ig
     if N == 0:
         return
     gpu = _common.gpu_launch(logits.device)
-    block_v = min(next_pow2(V), 8192 if gpu else 65536)
-    warps = 16 if block_v >= 8192 else 8 if block_v >= 2048 else 4
+    # 8192 columns on 16 warps: 16 a thread; float64 takes 4096 (two registers a value).
+    block_v = min(next_pow2(V), (4096 if logits.dtype == torch.float64 else 8192) if gpu else 65536)
+    if logits.dtype == torch.float64:
+        warps = 16 if block_v >= 4096 else 8 if block_v >= 1024 else 4
+    else:
+        warps = 16 if block_v >= 8192 else 8 if block_v >= 2048 else 4
     dummy = lse
     _cross_entropy_kernel[(N,)](
         logits, target, weight if weight is not None else dummy, wsum if wsum is not None else dummy,

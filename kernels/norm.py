@@ -31,15 +31,19 @@ CHUNK_N = 4096        # chunk width when streaming wider rows
 _SILU = tl.constexpr(5)
 
 
-def row_norm_config(N: int, device: torch.device) -> tuple[int, int, bool, int]:
+def row_norm_config(N: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int, bool, int]:
     """(BLOCK_M, BLOCK_N, single_tile, num_warps): the one place row-norm launch shapes are
     chosen. Narrow rows are stacked BLOCK_M to a tile so every thread has work (a 64-wide
-    row alone would idle half of 4 warps); the interpreter likes big tiles."""
-    single = N <= FUSED_MAX_N
-    block_n = next_pow2(N) if single else CHUNK_N
-    tile = 4096 if _common.gpu_launch(device) else 16384
+    row alone would idle half of 4 warps); the interpreter likes big tiles. float64 values
+    take two registers: tiles of half the elements, and rows over 4096 streamed (an
+    8192-wide float64 backward tile spilled)."""
+    gpu = _common.gpu_launch(device)
+    wide = dtype == torch.float64 and gpu
+    single = N <= (FUSED_MAX_N // 4 if wide else FUSED_MAX_N)
+    block_n = next_pow2(N) if single else (CHUNK_N // 2 if wide else CHUNK_N)
+    tile = (2048 if wide else 4096) if gpu else 16384
     block_m = max(1, tile // block_n) if single else 1
-    if not _common.gpu_launch(device):
+    if not gpu:
         return block_m, block_n, single, 4
     elems = block_m * block_n
     warps = 32 if elems >= 32768 else 16 if elems >= 8192 else 8 if elems >= 2048 else 4
@@ -261,7 +265,7 @@ def row_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tenso
     rstd = empty((M,), dtype=acc, device=x.device)
     if M == 0 or N == 0:
         return y, mean, rstd
-    block_m, block, single, warps = row_norm_config(N, x.device)
+    block_m, block, single, warps = row_norm_config(N, x.device, x.dtype)
     _row_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
         x, y, weight if weight is not None else x, bias if bias is not None else x, mean if not is_rms else rstd,
         rstd, x.stride(0), y.stride(0), M, N, float(eps), float(offset),
@@ -281,7 +285,7 @@ def row_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
     if M == 0 or N == 0:
         zeros = torch.zeros(N, dtype=w_dtype, device=x.device)
         return dx, (zeros if has_w else None), (zeros.clone() if has_bias else None)
-    block_m, block, single, warps = row_norm_config(N, x.device)
+    block_m, block, single, warps = row_norm_config(N, x.device, x.dtype)
     acc = acc_dtype(x.dtype)
     mean_arg = mean if not is_rms else rstd
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
@@ -325,13 +329,15 @@ def row_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
 # Normalize and dx are flat elementwise kernels, fully parallel even at batch 1.
 # ----------------------------------------------------------------------------------------
 
-def group_norm_config(planes: int, S: int, device: torch.device) -> tuple[int, int, int, int]:
+def group_norm_config(planes: int, S: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_P, BLOCK_S, BLOCK, num_warps): plane-tile shape for the reductions and block for
-    the elementwise kernels; the one place group_norm launch shapes are chosen."""
-    tile = 4096 if not _common.gpu_launch(device) else 2048
+    the elementwise kernels; the one place group_norm launch shapes are chosen. float64: half
+    the reduction tile (2048 float64 values spilled in the SiLU backward reduction)."""
+    gpu = _common.gpu_launch(device)
+    tile = 4096 if not gpu else (1024 if dtype == torch.float64 else 2048)
     block_s = min(next_pow2(S), tile)
     block_p = max(1, min(next_pow2(planes), tile // block_s))
-    return block_p, block_s, (4096 if not _common.gpu_launch(device) else 1024), 4
+    return block_p, block_s, (4096 if not gpu else 1024), 4
 
 
 @triton.jit
@@ -460,7 +466,7 @@ def group_norm_fwd(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None
     G, Cg = num_groups, C // num_groups
     P, numel = Bn * C, x.numel()
     acc = acc_torch_dtype(x.dtype)
-    block_p, block_s, block, warps = group_norm_config(P, S, x.device)
+    block_p, block_s, block, warps = group_norm_config(P, S, x.device, x.dtype)
     mean_c = empty((P,), dtype=acc, device=x.device)
     m2_c = empty((P,), dtype=acc, device=x.device)
     _plane_stats_kernel[(triton.cdiv(P, block_p),)](
@@ -486,7 +492,7 @@ def group_norm_bwd(dy: torch.Tensor, x: torch.Tensor, num_groups: int, weight: t
     G, Cg = num_groups, C // num_groups
     P, numel = Bn * C, x.numel()
     acc = acc_torch_dtype(x.dtype)
-    block_p, block_s, block, warps = group_norm_config(P, S, x.device)
+    block_p, block_s, block, warps = group_norm_config(P, S, x.device, x.dtype)
     has_w, has_b = weight is not None, bias is not None
     dy = dy.contiguous()
     w_arg, b_arg = (weight if has_w else x), (bias if has_b else x)

@@ -25,3 +25,49 @@ def test_bench_quick_runs_and_writes_results(tmp_path):
     assert (tmp_path / "norm.png").exists() and (tmp_path / "activation.png").exists()
     if not torch.cuda.is_available():
         assert "FUNCTIONAL RUN" in out.stdout
+
+
+def _case(impls, dtype=torch.float32):
+    from fastnets.bench.harness import Case
+    return Case("norm", "toy", "4x8", 8, dtype, lambda dev: (torch.randn(4, 8, device=dev, requires_grad=True),),
+                impls, 256, 384)
+
+
+def test_harness_fails_a_wrong_or_crashing_fastnets_kernel():
+    """A wrong result or an exception from fastnets fails the case (naming it); a peer that is
+    not installed is only skipped, and a correct case passes with every row timed."""
+    import pytest
+
+    from fastnets.bench.harness import CaseFailure, run_case
+    dev = torch.device("cpu")
+    good = _case({"fastnets": lambda x: x * 2, "torch": lambda x: x * 2})
+    rows = run_case(good, dev, True, {})
+    assert len(rows) == 6 and all(r["error"] is None for r in rows)
+    with pytest.raises(CaseFailure, match="toy 4x8 float32: correctness: fastnets: output relative error"):
+        run_case(_case({"fastnets": lambda x: x * 2.1, "torch": lambda x: x * 2}), dev, True, {})
+    with pytest.raises(CaseFailure, match="gradient of input 0"):
+        run_case(_case({"fastnets": lambda x: x * 2 + _bad_grad(x), "torch": lambda x: x * 2}), dev, True, {})
+
+    def crash(x):
+        raise RuntimeError("kernel exploded")
+    with pytest.raises(CaseFailure, match="kernel exploded"):
+        run_case(_case({"fastnets": crash, "torch": lambda x: x * 2}), dev, True, {})
+
+    def missing_peer(x):
+        raise ImportError("no module named flash_attn")
+    rows = run_case(_case({"fastnets": lambda x: x * 2, "torch": lambda x: x * 2, "flash_attn 2": missing_peer}),
+                    dev, True, {})
+    assert all(r["error"].startswith("skipped") for r in rows if r["impl"] == "flash_attn 2")
+
+
+def _bad_grad(x):
+    """Zero in the forward, a wrong gradient in the backward."""
+    class WrongGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return torch.zeros_like(t)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 5.0
+    return WrongGrad.apply(x)

@@ -45,6 +45,22 @@ def test_conv2d(case, dtype, channels_last):
              [x, w, b], dtype, peer=lambda x, w, b: F.conv2d(x, w, b, **kw))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv2d_gradients_keep_the_layouts(channels_last):
+    """The kernels run on NHWC / (K, R, S, C) copies; what comes back has the caller's layout
+    (as the custom ops' fake implementations promise torch.compile): dx like x, dw like w."""
+    x, w, b = _conv_args((2, 4, 6, 7), (8, 4, 3, 3), torch.float32, channels_last)
+    if channels_last:   # as model.to(memory_format=torch.channels_last) leaves a conv weight
+        w = w.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(), w.requires_grad_()
+    with expect_backend("conv2d"):
+        y = ops.conv2d(x, w, b, padding=1)
+    gx, gw = torch.autograd.grad(y.sum(), [x, w])
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt) and gx.is_contiguous(memory_format=fmt)
+    assert gw.is_contiguous(memory_format=fmt) and gw.stride() == w.stride()
+
+
 def test_conv2d_keeps_channels_last():
     x, w, b = _conv_args((2, 4, 6, 7), (8, 4, 3, 3), torch.float32, True)
     y = ops.conv2d(x, w, b, padding=1)

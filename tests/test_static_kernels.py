@@ -27,10 +27,26 @@ from fastnets import _config
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
-# Specializations allowed to spill, each with its reason. Empty: fp64 and IEEE-fp32 kernels
-# (no tensor cores; FMA dots) run tiles chosen to fit in registers too. A future entry is a
-# (kernel, dtype, predicate on the row) with a comment saying why it cannot be avoided.
-SPILL_ALLOWLIST: list = []
+def _head_dim(row: dict) -> int:
+    return max(row["constants"]["D"], row["constants"]["DV"])
+
+
+# The only specializations allowed to spill: (kernel, dtype, predicate on the report row),
+# each bounded, with the reason. Everything else, fp64 and IEEE fp32 included, runs tiles
+# chosen (kernels/attention.py _TILES, kernels/conv.py) to fit in registers.
+SPILL_ALLOWLIST: list = [
+    # float64 attention exists for gradcheck (tiny inputs, speed irrelevant). Above head dim
+    # 128 its FMA-unit dots keep 256-wide float64 rows of q / dO and the accumulators at two
+    # registers a value: no tile, down to 16 x 16 on 4 warps, fits in 255 registers.
+    ("_flash_attn_fwd_kernel", "fp64", lambda r: _head_dim(r) > 128 and r["spill_stores"] <= 256),
+    ("_flash_attn_bwd_dq_kernel", "fp64", lambda r: _head_dim(r) > 128 and r["spill_stores"] <= 2048),
+    ("_flash_attn_bwd_dkdv_kernel", "fp64", lambda r: _head_dim(r) > 128 and r["spill_stores"] <= 4096),
+    # IEEE float32 attention (TF32 off, as torch's default matmul setting): the dq kernel's
+    # FMA-unit dots spill a few bytes above head dim 64 in some masked variants, even at the
+    # smallest tile (16 x 16); the forward and dk/dv kernels do not.
+    ("_flash_attn_bwd_dq_kernel", "fp32",
+     lambda r: r["constants"].get("PREC") == "ieee" and _head_dim(r) > 64 and r["spill_stores"] <= 64),
+]
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="on a GPU the whole suite compiles and runs the kernels")
@@ -102,27 +118,43 @@ def test_static_gates_triton36(triton36):
 
 
 def test_wgmma_where_the_speed_bars_are(newest):
-    """The convolutions and attention carry the speed bars: their 16-bit kernels use wgmma."""
-    rows = [r for r in newest["specializations"] if r["dtype"] in ("fp16", "bf16") and (
-        r["kernel"].startswith("_conv2d_") or r["kernel"] in ("_flash_attn_fwd_kernel", "_flash_attn_bwd_dq_kernel",
-                                                             "_flash_attn_bwd_dkdv_kernel"))]
-    assert rows
-    wgmma = sum(r["tensor_core"] == "wgmma" for r in rows)
-    assert wgmma >= 0.95 * len(rows), f"only {wgmma} of {len(rows)} conv / attention specializations use wgmma"
+    """The convolutions and attention carry the speed bars: every 16-bit specialization of
+    theirs that a benchmark shape reaches uses wgmma (ResNet convolutions: anything but
+    depthwise; attention: head dims up to 128, whose tiles have 64-row multiples)."""
+    def speed_bar(r):
+        c = r["constants"]
+        if r["kernel"].startswith("_conv2d_"):
+            return c.get("Cg") != 1 and c.get("Kg") != 1
+        if r["kernel"] in ("_flash_attn_fwd_kernel", "_flash_attn_bwd_dq_kernel", "_flash_attn_bwd_dkdv_kernel"):
+            return max(c["D"], c["DV"]) <= 128
+        return False
+    rows = [r for r in newest["specializations"] if r["dtype"] in ("fp16", "bf16") and speed_bar(r)]
+    assert len(rows) > 300
+    other = [f"{r['kernel']} {r['constants']} ({r['case']}): {r['tensor_core']}" for r in rows
+             if r["tensor_core"] != "wgmma"]
+    assert not other, f"{len(other)} of {len(rows)} use no wgmma:\n" + "\n".join(other[:20])
+
+
+def _assert_current(report: dict, name: str) -> None:
+    with open(RESULTS / name) as f:
+        committed = json.load(f)
+    if committed["environment"]["triton"] != report["environment"]["triton"]:
+        pytest.skip(f"{name} is for Triton {committed['environment']['triton']}, "
+                    f"this environment has {report['environment']['triton']}")
+    have = {r["key"] for r in committed["specializations"]}
+    stale = [r for r in report["specializations"] if r["key"] not in have]
+    assert not stale, (f"{len(stale)} specializations are not in {name} (first: {stale[0]['kernel']} "
+                       f"{stale[0]['case']}); run `python -m fastnets kernels` and commit benchmarks/results/static-*")
 
 
 def test_committed_report_is_current(newest):
     """benchmarks/results/static-sm90a.json (the README's table) covers today's kernels: a
     kernel change without `python -m fastnets kernels` to refresh it fails here."""
-    with open(RESULTS / "static-sm90a.json") as f:
-        committed = json.load(f)
-    if committed["environment"]["triton"] != newest["environment"]["triton"]:
-        pytest.skip(f"committed report is for Triton {committed['environment']['triton']}, "
-                    f"this environment has {newest['environment']['triton']}")
-    have = {r["key"] for r in committed["specializations"]}
-    stale = [r for r in newest["specializations"] if r["key"] not in have]
-    assert not stale, (f"{len(stale)} specializations are not in the committed report (first: {stale[0]['kernel']} "
-                       f"{stale[0]['case']}); run `python -m fastnets kernels` and commit benchmarks/results/static-*")
+    _assert_current(newest, "static-sm90a.json")
+
+
+def test_committed_triton36_report_is_current(triton36):
+    _assert_current(triton36, "static-sm90a-triton3.6.json")
 
 
 def test_cache_matches_a_fresh_compile(newest, tmp_path):

@@ -283,6 +283,29 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+def kernel_table(rows: list[dict]) -> str:
+    """One markdown line per kernel over all its dtypes: the README's table."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(r["kernel"], []).append(r)
+    head = ("| kernel | dtypes | specializations | spilling | max regs | max smem (KB) | min warps/SM | "
+            "tensor cores |\n|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for kernel, rs in sorted(groups.items()):
+        ok = [r for r in rs if not r.get("error")]
+        tc = {}
+        for r in ok:
+            tc[r["tensor_core"]] = tc.get(r["tensor_core"], 0) + 1
+        tcs = ", ".join(f"{k} {v}" for k, v in sorted(tc.items()) if k != "none") or "none (no dot)"
+        dtypes = "/".join(d for d in ("bf16", "fp16", "fp32", "fp64") if any(r["dtype"] == d for r in rs)) or "-"
+        err = f" ({len(rs) - len(ok)} fail)" if len(ok) != len(rs) else ""
+        lines.append(f"| `{kernel}` | {dtypes} | {len(rs)}{err} | {sum(1 for r in ok if r['spill_stores'])} | "
+                     f"{max((r['registers'] for r in ok), default=0)} | "
+                     f"{max((r['smem'] for r in ok), default=0) / 1024:.0f} | "
+                     f"{min((r['warps_per_sm'] for r in ok), default=0)} | {tcs} |")
+    return head + "\n".join(lines)
+
+
 def _fmt_table(summary: list[dict]) -> str:
     head = ("| kernel | dtype | specs | spilling | worst spill (B/thread) | max regs | max smem (KB) | "
             "min warps/SM | tensor cores | TMA |\n|---|---|---|---|---|---|---|---|---|---|\n")
@@ -342,7 +365,8 @@ def write(rows: list[dict], arch: str, out_dir: Path, command: str, stem: str | 
     with open(mpath, "w") as f:
         f.write(f"# Static kernel report, {arch}\n\n{total} specializations, {spilling} spilling, {errors} failing "
                 f"to compile. Triton {env['triton']} ({env['ptxas']}), commit {env['git_commit'][:10]}, "
-                f"`{command}`.\n\n" + _fmt_table(summary) + "\n\n" + LEGEND + "\n")
+                f"`{command}`.\n\n## Per kernel\n\n" + kernel_table(rows) + "\n\n## Per kernel and dtype\n\n"
+                + _fmt_table(summary) + "\n\n" + LEGEND + "\n")
     return jpath, mpath
 
 

@@ -139,7 +139,7 @@ def _conv2d_bwd(dy: Tensor, x: Tensor, weight: Tensor, saved: Tensor, has_bias: 
     dw, db = none(), none()
     if need_dw or has_bias:
         dw, db = conv.conv2d_wgrad(dz, x, tuple(weight.shape), stride, padding, dilation, groups, has_bias,
-                                   weight.dtype)
+                                   weight.dtype, _checks.memory_format(weight))
         db = db if db is not None else none()
     # dz doubles as the residual's gradient; returned only when it is not dy itself
     # (custom-op outputs may not alias inputs).
@@ -316,8 +316,8 @@ def _convt_bwd(dy: Tensor, x: Tensor, weight: Tensor, saved: Tensor, has_bias: b
     dx = (conv.conv2d_fwd(dz, weight, None, None, tuple(stride), tuple(padding), tuple(dilation), groups,
                           tuple(x.shape[2:]), "identity", 0.0, False)[0] if need_dx else none())
     # <dL/dy, T(x; w)> = <conv(dL/dy; w), x>: wgrad with x as the "output gradient".
-    dw = (conv.conv2d_wgrad(x, dz, tuple(weight.shape), stride, padding, dilation, groups, False, weight.dtype)[0]
-          if need_dw else none())
+    dw = (conv.conv2d_wgrad(x, dz, tuple(weight.shape), stride, padding, dilation, groups, False, weight.dtype,
+                            _checks.memory_format(weight))[0] if need_dw else none())
     db = dz.sum(dim=(0, 2, 3), dtype=torch.float64 if dz.dtype == torch.float64 else torch.float32).to(
         weight.dtype) if has_bias else none()
     return dx, dw, db
