@@ -83,7 +83,7 @@ def next_pow2(n: int) -> int:
 
 # --- autotuning ---------------------------------------------------------------------------
 # triton.autotune would benchmark on every launch shape inside the interpreter and cannot
-# run on meta tensors (tests/aot_compile.py); this small tuner times the candidate configs
+# run on meta tensors (fastnets/bench/launches.py); this small tuner times the candidate configs
 # once per (device, kernel, shape class), keeps the winner in memory and in a JSON file
 # under FASTNETS_CACHE_DIR, so later processes skip the search.
 _tuned: dict[str, int] = {}
@@ -128,7 +128,7 @@ def tuned_launch(kernel, grid, configs: list[dict], key: tuple, device: torch.de
     shape class the choice is valid for. The kernel must be idempotent (write, never
     accumulate into, its outputs), since each candidate runs during the search."""
     if len(configs) == 1 or device.type == "meta":
-        # meta: the AOT compile check records every candidate's specialization.
+        # meta: fastnets.bench.launches records every candidate's specialization.
         for cfg in configs:
             kernel[grid(cfg)](*args, **kwargs, **cfg)
         return

@@ -602,9 +602,9 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> dict:
 
 # Tile candidates (BLOCK_M, BLOCK_N, warps, stages) per kernel, head-dim class (<= 64, <= 128,
 # <= 256) and arithmetic (tc: fp16/bf16 tensor cores; tf32; fma: IEEE fp32 on FMA units; fp64),
-# chosen with the static report (`python -m fastnets kernels`): every "all" tile compiles
-# without a register spill for every option the launchers pass (masks, ALiBi, dropout, varlen,
-# GQA); "plain" adds the larger tiles that fit only without those options. The forward and dq
+# chosen with the static report (`python -m fastnets kernels`, under Triton 3.9 and 3.6): every
+# "all" tile compiles without a register spill for every option the launchers pass (masks,
+# ALiBi, dropout, varlen, GQA); "plain" adds the larger tiles that fit only without them. The forward and dq
 # take wide query tiles (BLOCK_M) over narrow key tiles; dk/dv the mirror image. The tuner
 # (tuned_launch) times the candidates once per shape class.
 _TILES = {
@@ -616,40 +616,41 @@ _TILES = {
     ("dq", 64, "tc"): {"all": ((128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)), "plain": ((128, 32, 4, 3),)},
     ("dq", 128, "tc"): {"all": ((128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 3), (64, 32, 4, 2)),
                         "plain": ((128, 64, 8, 2),)},
-    ("dq", 256, "tc"): {"all": ((32, 32, 4, 2),), "plain": ((64, 32, 4, 2), (64, 16, 4, 2), (64, 32, 8, 2))},
+    ("dq", 256, "tc"): {"all": ((32, 32, 8, 2),), "plain": ((32, 32, 4, 2), (32, 16, 4, 2))},
     ("dkdv", 64, "tc"): {"all": ((32, 128, 8, 2), (32, 64, 4, 3)), "plain": ((64, 128, 8, 2), (64, 64, 4, 3))},
-    ("dkdv", 128, "tc"): {"all": ((32, 64, 8, 3), (16, 128, 8, 2)), "plain": ((32, 64, 4, 3),)},
-    ("dkdv", 256, "tc"): {"all": ((32, 32, 8, 2),), "plain": ((16, 32, 8, 2),)},
+    ("dkdv", 128, "tc"): {"all": ((16, 128, 8, 2), (16, 64, 8, 2)), "plain": ((32, 64, 8, 3),)},
+    ("dkdv", 256, "tc"): {"all": ((32, 32, 8, 1), (16, 32, 8, 1)), "plain": ((16, 16, 8, 2),)},
     # TF32: 4-byte operands, twice the register fragments of 16-bit ones: narrower key tiles.
     ("fwd", 64, "tf32"): {"all": ((128, 32, 8, 2), (64, 32, 4, 3), (64, 32, 4, 2)), "plain": ((128, 64, 8, 2),)},
     ("fwd", 128, "tf32"): {"all": ((128, 32, 8, 2), (128, 16, 8, 2), (64, 16, 4, 2)), "plain": ((64, 32, 4, 2),)},
-    ("fwd", 256, "tf32"): {"all": ((32, 16, 4, 2),), "plain": ((32, 32, 4, 2), (64, 16, 8, 2))},
+    ("fwd", 256, "tf32"): {"all": ((32, 16, 4, 2),), "plain": ((64, 16, 8, 2),)},
     ("dq", 64, "tf32"): {"all": ((128, 32, 8, 2), (64, 32, 4, 3), (64, 32, 4, 2)), "plain": ((64, 64, 4, 2),)},
-    ("dq", 128, "tf32"): {"all": ((128, 32, 8, 2), (128, 16, 8, 2), (64, 16, 4, 2)), "plain": ((64, 32, 4, 2),)},
+    ("dq", 128, "tf32"): {"all": ((128, 16, 8, 2), (64, 16, 8, 2)), "plain": ((128, 32, 8, 2),)},
     ("dq", 256, "tf32"): {"all": ((16, 16, 8, 2),), "plain": ((32, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 2))},
-    ("dkdv", 64, "tf32"): {"all": ((32, 128, 8, 2), (32, 64, 4, 2), (16, 64, 4, 2)), "plain": ((32, 64, 8, 2),)},
-    ("dkdv", 128, "tf32"): {"all": ((32, 32, 8, 2), (16, 32, 8, 2), (16, 32, 4, 2)), "plain": ((16, 128, 8, 2),)},
+    ("dkdv", 64, "tf32"): {"all": ((16, 64, 4, 2), (16, 64, 8, 2)), "plain": ((32, 64, 4, 2), (32, 128, 8, 2))},
+    ("dkdv", 128, "tf32"): {"all": ((32, 32, 8, 2), (16, 32, 8, 2), (16, 32, 4, 2)), "plain": ()},
     ("dkdv", 256, "tf32"): {"all": ((16, 32, 8, 1), (16, 16, 8, 2), (16, 16, 4, 2)), "plain": ((16, 32, 8, 2),)},
     # FMA units (IEEE fp32, fp64 for gradcheck): score and accumulator tiles in plain registers,
     # operands re-read per k step; small tiles. Where even the smallest spills a little (IEEE
-    # fp32 dq and fp64 above head dim 128), tests/test_static_kernels.py allowlists it, bounded.
+    # fp32 dq above head dim 64, dk/dv above 128, fp64 above 128), tests/test_static_kernels.py
+    # allowlists it, bounded.
     ("fwd", 64, "fma"): {"all": ((32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2)), "plain": ()},
     ("fwd", 128, "fma"): {"all": ((16, 16, 4, 2),), "plain": ()},
     ("fwd", 256, "fma"): {"all": ((16, 16, 4, 2),), "plain": ()},
     ("dq", 64, "fma"): {"all": ((32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2)), "plain": ()},
     ("dq", 128, "fma"): {"all": ((16, 16, 4, 2),), "plain": ()},
     ("dq", 256, "fma"): {"all": ((16, 16, 4, 2),), "plain": ()},
-    ("dkdv", 64, "fma"): {"all": ((32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2)), "plain": ()},
+    ("dkdv", 64, "fma"): {"all": ((32, 32, 8, 2), (32, 16, 4, 2)), "plain": ()},
     ("dkdv", 128, "fma"): {"all": ((16, 16, 4, 2),), "plain": ()},
-    ("dkdv", 256, "fma"): {"all": ((16, 16, 4, 2), (16, 16, 4, 1)), "plain": ()},
+    ("dkdv", 256, "fma"): {"all": ((16, 16, 4, 1),), "plain": ()},
     ("fwd", 64, "fp64"): {"all": ((16, 16, 4, 2),), "plain": ()},
-    ("fwd", 128, "fp64"): {"all": ((16, 32, 4, 2), (32, 16, 4, 2)), "plain": ()},
+    ("fwd", 128, "fp64"): {"all": ((16, 32, 4, 2),), "plain": ()},
     ("fwd", 256, "fp64"): {"all": ((16, 16, 4, 1),), "plain": ()},
     ("dq", 64, "fp64"): {"all": ((32, 32, 4, 2),), "plain": ()},
     ("dq", 128, "fp64"): {"all": ((16, 32, 4, 2), (16, 16, 4, 2)), "plain": ()},
     ("dq", 256, "fp64"): {"all": ((16, 16, 4, 2),), "plain": ()},
-    ("dkdv", 64, "fp64"): {"all": ((16, 32, 4, 2), (32, 16, 4, 2)), "plain": ()},
-    ("dkdv", 128, "fp64"): {"all": ((16, 16, 4, 2),), "plain": ()},
+    ("dkdv", 64, "fp64"): {"all": ((16, 32, 4, 2), (32, 16, 4, 2), (16, 16, 4, 2)), "plain": ()},
+    ("dkdv", 128, "fp64"): {"all": ((16, 16, 4, 1),), "plain": ()},
     ("dkdv", 256, "fp64"): {"all": ((16, 16, 4, 2),), "plain": ()},
 }
 
@@ -711,10 +712,15 @@ def _scales(scale: float, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return torch.tensor([scale * LOG2E, scale, LOG2E], dtype=acc, device=device)
 
 
-def _mask_args(mask: torch.Tensor | None, dummy: torch.Tensor):
-    """(pointer tensor, kind, 4 strides) for an attn_mask already broadcast to (B, H, Sq, Sk)."""
+def _mask_args(mask: torch.Tensor | None, dummy: torch.Tensor, dtype: torch.dtype):
+    """(pointer tensor, kind, 4 strides) for an attn_mask already broadcast to (B, H, Sq, Sk).
+    float64 (gradcheck sizes) takes a bool mask as the equivalent additive 0 / -inf mask:
+    Triton 3.6 cannot lower a float64 dot whose operands meet a uint8 tile ("fp64 don't
+    support largeK MMA"), and the additive path computes the same probabilities."""
     if mask is None:
         return dummy, MASK_NONE, (0, 0, 0, 0)
+    if mask.dtype == torch.bool and dtype == torch.float64:
+        mask = torch.zeros(mask.shape, dtype=torch.float64, device=mask.device).masked_fill_(~mask, float("-inf"))
     if mask.dtype == torch.bool:
         return mask.view(torch.uint8), MASK_BOOL, mask.stride()
     return mask, MASK_ADD, mask.stride()
@@ -756,7 +762,7 @@ def flash_attn_fwd(q, k, v, attn_mask, alibi_slopes, cu_q, cu_k, max_sq: int, ma
         lse.fill_(float("inf"))
         return o, lse
     dummy = lse
-    mask, mask_kind, ms = _mask_args(attn_mask, dummy)
+    mask, mask_kind, ms = _mask_args(attn_mask, dummy, q.dtype)
     slopes, ss = _slope_args(alibi_slopes, dummy)
     scales = _scales(scale, q.dtype, q.device)
     BLOCK_D, BLOCK_DV = max(16, next_pow2(D)), max(16, next_pow2(DV))
@@ -789,10 +795,12 @@ def _decode(q, k, v, o, lse, mask, mask_kind, ms, slopes, ss, has_alibi, scales,
     group = Hq // Hk
     rows = group * Sq
     BLOCK_R = max(16, next_pow2(rows))
-    block_n = DECODE_BLOCK_N
     # 4-byte K/V tiles: two stages (76 KB of shared memory; three spilled). IEEE float32 runs
-    # its dots on FMA units, and with a mask or ALiBi only one stage fits in registers.
-    stages = 3 if q.dtype != torch.float32 else (1 if _arith(q.dtype) == "fma" and (mask_kind or has_alibi) else 2)
+    # its dots on FMA units in one stage, with 32-key blocks, or 64 with a mask or ALiBi: the
+    # shapes that fit in registers under both Triton 3.9 and 3.6.
+    fma = _arith(q.dtype) == "fma"
+    block_n = 32 if fma and not (mask_kind or has_alibi) else DECODE_BLOCK_N
+    stages = 3 if q.dtype != torch.float32 else (1 if fma else 2)
     blocks = triton.cdiv(Sk, block_n)
     target = max(1, 2 * _common.persistent_programs(q.device, 1 << 30, per_sm=1) // (B * Hk))
     if not _common.gpu_launch(q.device):
@@ -842,7 +850,7 @@ def flash_attn_bwd(do, q, k, v, o, lse, attn_mask, alibi_slopes, cu_q, cu_k, max
     _flash_attn_bwd_preprocess_kernel[(triton.cdiv(max_sq, pre_m), B * Hq)](
         o, do, delta, cu_q if varlen else dummy, *_bhs(o, varlen), *_bhs(do, varlen), *lse_strides, Hq, max_sq,
         DV=DV, BLOCK_DV=BLOCK_DV, BLOCK_M=pre_m, VARLEN=varlen)
-    mask, mask_kind, ms = _mask_args(attn_mask, dummy)
+    mask, mask_kind, ms = _mask_args(attn_mask, dummy, q.dtype)
     slopes, ss = _slope_args(alibi_slopes, dummy)
     scales = _scales(scale, q.dtype, q.device)
     common = dict(D=D, DV=DV, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=mask_kind,

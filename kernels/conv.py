@@ -268,12 +268,13 @@ def _block_k(reduce_channels: int, cap: int) -> int:
 _TC_TILES = ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4),
              (64, 64, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3))
 _TF32_TILES = ((128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 3))
-# The FMA tiles are the ones ptxas compiles without a spill for every shape the static report
-# drives (it spills a few bytes at 80-170 registers for some others, e.g. 64x64x16 on 4 warps).
+# The FMA and fp64 tiles are the ones ptxas compiles without a spill for every shape the static
+# report drives, under Triton 3.9 and 3.6 (it spills a few bytes at 80-170 registers for some
+# others, e.g. 64x64x16 on 4 warps, or 64x64x32 dgrad under Triton 3.6).
 _FMA_TILES = {"fwd": ((128, 64, 16, 8, 2), (64, 64, 32, 4, 3), (32, 32, 32, 4, 2)),
-              "dgrad": ((128, 64, 16, 8, 2), (64, 64, 32, 4, 3), (32, 32, 32, 4, 2)),
+              "dgrad": ((128, 64, 16, 8, 2), (32, 32, 32, 4, 2)),
               "wgrad": ((64, 64, 32, 8, 2), (64, 32, 32, 4, 2), (32, 32, 32, 4, 2))}
-_FP64_TILES = ((32, 32, 16, 4, 2),)
+_FP64_TILES = {"fwd": ((32, 32, 16, 4, 2),), "dgrad": ((32, 32, 16, 4, 2),), "wgrad": ((32, 16, 16, 4, 2),)}
 SMEM_LIMIT = 232448   # bytes of shared memory one CTA may use on Hopper (sm_90)
 
 
@@ -293,7 +294,7 @@ def gemm_configs(kind: str, device: torch.device, rows: int, cols: int, red_chan
         return [dict(BLOCK_M=max(16, min(256, next_pow2(rows))), BLOCK_N=max(16, min(256, next_pow2(cols))),
                      BLOCK_K=_block_k(red_channels, 128), GROUP_M=8, num_warps=4)]
     if dtype == torch.float64:
-        cands = _FP64_TILES
+        cands = _FP64_TILES[kind]
     elif dtype == torch.float32:
         cands = _TF32_TILES if _precision(dtype) == "tf32" else _FMA_TILES[kind]
     else:

@@ -299,6 +299,15 @@ def test_gradcheck_float64():
                                  fast_mode=True)
     torch.autograd.gradcheck(lambda q, k, v: ops.flash_attention(q, k, v, causal=True, window=(2, 0)), (q, k, v),
                              fast_mode=True)
+    # A bool mask in float64 runs as the equivalent additive 0 / -inf mask (kernels/attention.py
+    # _mask_args), fully masked row included: the same values and gradients as the reference.
+    keep = torch.rand(1, 1, 4, 4, device=DEVICE) > 0.4
+    keep[0, 0, 1] = False
+    with expect_backend("scaled_dot_product_attention"):
+        torch.autograd.gradcheck(lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, keep), (q, k, v),
+                                 fast_mode=True)
+        got = ops.scaled_dot_product_attention(q, k, v, keep)
+    assert_close(got, reference.scaled_dot_product_attention(q, k, v, keep), torch.float64, "float64 bool mask")
 
 
 def test_torch_backend_is_the_reference():

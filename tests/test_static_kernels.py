@@ -36,16 +36,18 @@ def _head_dim(row: dict) -> int:
 # chosen (kernels/attention.py _TILES, kernels/conv.py) to fit in registers.
 SPILL_ALLOWLIST: list = [
     # float64 attention exists for gradcheck (tiny inputs, speed irrelevant). Above head dim
-    # 128 its FMA-unit dots keep 256-wide float64 rows of q / dO and the accumulators at two
-    # registers a value: no tile, down to 16 x 16 on 4 warps, fits in 255 registers.
-    ("_flash_attn_fwd_kernel", "fp64", lambda r: _head_dim(r) > 128 and r["spill_stores"] <= 256),
-    ("_flash_attn_bwd_dq_kernel", "fp64", lambda r: _head_dim(r) > 128 and r["spill_stores"] <= 2048),
-    ("_flash_attn_bwd_dkdv_kernel", "fp64", lambda r: _head_dim(r) > 128 and r["spill_stores"] <= 4096),
-    # IEEE float32 attention (TF32 off, as torch's default matmul setting): the dq kernel's
-    # FMA-unit dots spill a few bytes above head dim 64 in some masked variants, even at the
-    # smallest tile (16 x 16); the forward and dk/dv kernels do not.
+    # 128 its dots keep 256-wide float64 rows of q / dO and the accumulators at two registers
+    # a value: no tile, down to 16 x 16 on 4 warps, fits in 255 registers under both Tritons.
+    ("_flash_attn_fwd_kernel", "fp64", lambda r: _head_dim(r) > 128 and r["spill_stores"] <= 1024),
+    ("_flash_attn_bwd_dq_kernel", "fp64", lambda r: _head_dim(r) > 128 and r["spill_stores"] <= 4096),
+    ("_flash_attn_bwd_dkdv_kernel", "fp64", lambda r: _head_dim(r) > 128 and r["spill_stores"] <= 16384),
+    # IEEE float32 attention (TF32 off, torch's default matmul setting) runs its dots on FMA
+    # units: the backward spills a few bytes in some masked / varlen variants even at the
+    # smallest tile (16 x 16), dq above head dim 64 and dk/dv above 128; the forward does not.
     ("_flash_attn_bwd_dq_kernel", "fp32",
      lambda r: r["constants"].get("PREC") == "ieee" and _head_dim(r) > 64 and r["spill_stores"] <= 64),
+    ("_flash_attn_bwd_dkdv_kernel", "fp32",
+     lambda r: r["constants"].get("PREC") == "ieee" and _head_dim(r) > 128 and r["spill_stores"] <= 64),
 ]
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),

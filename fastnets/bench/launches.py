@@ -82,6 +82,17 @@ class _AOTDriver:
         return torch.device("meta")
 
 
+def _options_identity(options: dict) -> str:
+    """The compile options as part of a specialization's identity, without the machine's
+    paths (extern_libs names libdevice by its absolute path in this environment): the same
+    kernel has the same identity in any checkout or virtualenv."""
+    import os
+    clean = dict(options)
+    if clean.get("extern_libs"):
+        clean["extern_libs"] = tuple((name, os.path.basename(path)) for name, path in clean["extern_libs"])
+    return repr(sorted(clean.items()))
+
+
 @contextlib.contextmanager
 def _recording(arch: int, sink: dict, case_ref: list):
     """Route JIT launches into `sink` instead of compiling and running them."""
@@ -90,7 +101,7 @@ def _recording(arch: int, sink: dict, case_ref: list):
 
     def record(self, key, signature, device, constexprs, options, attrs, warmup):
         ident = (self.__name__, self.cache_key, repr(sorted(signature.items())), repr(sorted(constexprs.items())),
-                 repr(sorted(attrs.items())), repr(sorted(options.__dict__.items())))
+                 repr(sorted(attrs.items())), _options_identity(options.__dict__))
         if ident not in sink:
             sink[ident] = Launch(self, dict(signature), dict(constexprs), dict(attrs), dict(options.__dict__),
                                  case_ref[0])
