@@ -160,13 +160,15 @@ def results_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
+# The Triton whose report is static-<arch>.json (the one pip installs today); reports of
+# other versions (the lent GPU machines' 3.6) carry their version in the file name.
+NEWEST_TRITON = "3.9"
+
+
 def results_stem(arch: str) -> str:
     """static-sm90a for the newest Triton the project runs; static-sm90a-triton3.6 for others."""
     ver = ".".join(_triton_version().split(".")[:2])
     return f"static-{arch.replace('_', '')}" + ("" if ver == NEWEST_TRITON else f"-triton{ver}")
-
-
-NEWEST_TRITON = "3.9"
 
 
 def _cache_file(arch: str) -> Path:
@@ -423,8 +425,9 @@ def main(args) -> int:
         print_summary(summarize(rows))
         failures = gate_failures(rows, arch)
         if failures:
-            print(f"\n{len(failures)} gate failures (spills, missing wgmma, shared memory, occupancy, compile errors); "
-                  "first 20:")
+            print(f"\n{len(failures)} specializations break a gate (spills, missing wgmma, shared memory, occupancy, "
+                  "compile errors) before the test suite's bounded allowlist (SPILL_ALLOWLIST in "
+                  "tests/test_static_kernels.py: float64 and IEEE-float32 attention); first 20:")
             print("\n".join("  " + f for f in failures[:20]))
             status = 1 if args.check else status
     return status
