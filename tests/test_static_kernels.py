@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from fastnets import _config
 
@@ -50,9 +49,6 @@ SPILL_ALLOWLIST: list = [
      lambda r: r["constants"].get("PREC") == "ieee" and _head_dim(r) > 128 and r["spill_stores"] <= 64),
 ]
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
-                                reason="on a GPU the whole suite compiles and runs the kernels")
-
 
 def _spill_allowed(row: dict) -> bool:
     return any(row["kernel"] == k and row["dtype"] == d and pred(row) for k, d, pred in SPILL_ALLOWLIST)
@@ -78,7 +74,8 @@ def newest(tmp_path_factory):
 def triton36(tmp_path_factory):
     path = _config.compat_triton_path()
     if not path:
-        pytest.skip("FASTNETS_TRITON36_PATH is not set (scripts/test.sh installs Triton 3.6 there)")
+        pytest.skip("no second Triton to check: FASTNETS_TRITON36_PATH is unset (scripts/env.sh installs Triton 3.6 "
+                    "into .venv/triton36 and sets it, as CI does; a GPU machine's own Triton is the newest here)")
     return _report(tmp_path_factory.mktemp("static-triton36"), {"PYTHONPATH": path})
 
 
@@ -141,6 +138,8 @@ def _assert_current(report: dict, name: str) -> None:
     with open(RESULTS / name) as f:
         committed = json.load(f)
     if committed["environment"]["triton"] != report["environment"]["triton"]:
+        # Another Triton gives every specialization another identity: nothing to compare
+        # (its gates still ran, from a full compile).
         pytest.skip(f"{name} is for Triton {committed['environment']['triton']}, "
                     f"this environment has {report['environment']['triton']}")
     have = {r["key"] for r in committed["specializations"]}
