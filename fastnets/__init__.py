@@ -13,8 +13,9 @@ from . import _config  # noqa: F401  (applies FASTNETS_BACKEND=interpret before 
 from . import models, nn, ops, reference
 from ._dispatch import backend, backend_report
 from .fusion import fuse_conv_bn
-from .swap import SWAP_TABLE, SwapReport, swap, unswap
+from .swap import RULES, Rule, SwapReport, register_rule, swap, unswap
+from . import integrations  # noqa: E402,F401  (adds the transformers swap rules; imports no transformers)
 
 __version__ = "0.1.0"
-__all__ = ["SWAP_TABLE", "SwapReport", "backend", "backend_report", "fuse_conv_bn", "models", "nn", "ops", "reference",
+__all__ = ["RULES", "Rule", "SwapReport", "register_rule", "backend", "backend_report", "fuse_conv_bn", "models", "nn", "ops", "reference",
            "swap", "unswap"]

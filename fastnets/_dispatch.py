@@ -2,6 +2,12 @@
 
 Order of precedence: `fastnets.backend(...)` context > FASTNETS_BACKEND > the default
 (CUDA tensor -> triton, CPU tensor with TRITON_INTERPRET=1 -> interpret, else torch).
+
+Every time torch runs where a fastnets kernel was asked for (a CUDA tensor without Triton,
+an input a kernel does not take, a module option only torch implements) goes through
+`choose(..., unsupported=)` or `fallback()`: it warns once per (op, reason), counts in
+`calls` and `fallbacks`, and shows in backend_report(). Only a backend forced to torch
+runs torch without a warning.
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ _forced_stack: list[str] = []
 
 # (op, backend) -> number of calls; tests assert the kernel really ran.
 calls: Counter = Counter()
+# (op, reason) -> number of calls that ran torch in place of a kernel.
+fallbacks: Counter = Counter()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +76,15 @@ def warn_once(key, message: str) -> None:
         warnings.warn(message, stacklevel=4)
 
 
+def fallback(op: str, reason: str) -> None:
+    """Record (and warn once about) one call of `op` that runs torch's implementation in
+    place of fastnets' kernel, for a reason found above the kernel layer (a module option)."""
+    warn_once((op, reason), f"fastnets.{op}: running torch's implementation ({reason})")
+    if not torch.compiler.is_compiling():
+        calls[(op, "torch")] += 1
+        fallbacks[(op, reason)] += 1
+
+
 def _default(op: str, device: torch.device, unsupported: str | None) -> tuple[str, str]:
     if unsupported:
         return "torch", f"kernel does not support this input: {unsupported}"
@@ -79,7 +96,7 @@ def _default(op: str, device: torch.device, unsupported: str | None) -> tuple[st
         return "torch", "TRITON_INTERPRET=1 runs kernels on the CPU only; CUDA tensors use torch"
     if device.type == "cpu" and interpreter_active():
         return "interpret", "CPU tensor and TRITON_INTERPRET=1"
-    return "torch", f"{device.type} tensor (kernels need CUDA, or TRITON_INTERPRET=1 on CPU)"
+    return "torch", f"{device.type} tensor: fastnets' kernels need CUDA (or TRITON_INTERPRET=1 on CPU)"
 
 
 def explain(op: str, device: torch.device, unsupported: str | None = None) -> tuple[str, str]:
@@ -115,10 +132,21 @@ def explain(op: str, device: torch.device, unsupported: str | None = None) -> tu
     return "cuda", "forced"
 
 
-def choose(op: str, device: torch.device, unsupported: str | None = None) -> str:
+def choose(op: str, device: torch.device, unsupported: str | None = None, *, empty: bool = False) -> str:
+    """The backend for one call of `op` on `device`. unsupported: why the kernel cannot take
+    this input (None when it can). A torch result that was not forced is a fallback.
+    empty: the input has no elements, so no kernel launches and torch makes the (empty)
+    result: counted as torch, which is what ran, without a warning."""
     name, why = explain(op, device, unsupported)
-    if name == "torch" and unsupported:
-        warn_once((op, unsupported), f"fastnets.{op}: falling back to the torch reference ({why})")
+    if empty:
+        if not torch.compiler.is_compiling():
+            calls[(op, "torch")] += 1
+        return "torch"
+    forced = (_forced_stack[-1] if _forced_stack else None) or _config.forced_backend()
+    if name == "torch" and forced != "torch":
+        warn_once((op, why), f"fastnets.{op}: running the torch reference ({why})")
+        if not torch.compiler.is_compiling():
+            fallbacks[(op, why)] += 1
     if not torch.compiler.is_compiling():
         calls[(op, name)] += 1
     return name
@@ -135,6 +163,8 @@ def backend_report(device: str | torch.device | None = None) -> list[dict]:
             chosen, why = explain(name, device)
         except (ValueError, RuntimeError) as err:
             chosen, why = "error", str(err)
+        seen = sorted(f"{reason} ({n} calls)" for (op, reason), n in fallbacks.items() if op == name)
         rows.append({"op": name, "device": str(device), "backend": chosen, "why": why,
-                     "cuda_kernel": OPS[name].has_cuda, "summary": OPS[name].summary})
+                     "cuda_kernel": OPS[name].has_cuda, "summary": OPS[name].summary,
+                     "fallbacks_seen": seen})
     return rows

@@ -230,11 +230,11 @@ def test_eval_fold_is_cached_until_a_weight_changes():
     x = _x(1, 6)
     with torch.no_grad():
         first = fastnets.nn.conv_bn_act(conv, bn, x)
-        w_cached = conv._fold_cache[1][0]
-        assert fastnets.nn.conv_bn_act(conv, bn, x).equal(first) and conv._fold_cache[1][0] is w_cached
+        w_cached = conv.__dict__["_fastnets_fold_cache"][1][0]
+        assert fastnets.nn.conv_bn_act(conv, bn, x).equal(first) and conv.__dict__["_fastnets_fold_cache"][1][0] is w_cached
         bn.running_mean.add_(1.0)
         after = fastnets.nn.conv_bn_act(conv, bn, x)
-    assert conv._fold_cache[1][0] is not w_cached
+    assert conv.__dict__["_fastnets_fold_cache"][1][0] is not w_cached
     def torch_block(x, conv, bn):
         return torch.relu(torch.nn.functional.batch_norm(torch.nn.functional.conv2d(x, conv.weight, None, 1, 1),
                                                          bn.running_mean, bn.running_var, bn.weight, bn.bias, False))

@@ -23,7 +23,7 @@ def test_swap_transformer_encoder_matches_and_shares_parameters():
     keys_before = list(model.state_dict())
     report = fastnets.swap(model)
     assert report.model is model
-    assert len(report.replaced) == 9  # 2 x (layer, self_attn, norm1, norm2) + the final norm
+    assert len(report.replaced) == 10  # the encoder, 2 x (layer, self_attn, norm1, norm2), the final norm
     assert all(isinstance(m, fnn.LayerNorm) for n, m in model.named_modules() if "norm" in n.split(".")[-1])
     assert all(type(layer) is fnn.TransformerEncoderLayer for layer in model.layers)
     assert all(type(layer.self_attn) is fnn.MultiheadAttention for layer in model.layers)

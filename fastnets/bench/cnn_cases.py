@@ -9,6 +9,12 @@ import torch.nn.functional as F
 from .. import ops
 from .harness import Case
 
+
+def _conv_kernels():
+    """fastnets.kernels.conv, imported on first use (importing fastnets never imports triton)."""
+    from ..kernels import conv
+    return conv
+
 # ResNet-50 (v1.5) convolutions: (C_in, C_out, input side, kernel, stride)
 RESNET50_CONVS = [
     (3, 64, 224, 7, 2),                                          # stem
@@ -77,12 +83,10 @@ def conv_cases(device: torch.device, quick: bool) -> list[Case]:
             return x, w, dy
 
         def ours_dgrad(x, w, dy, s=s, p=pad):
-            from ..ops._registry import kernels
-            return kernels("conv").conv2d_dgrad(dy, w, tuple(x.shape), (s, s), (p, p), (1, 1), 1, like=x)[0]
+                        return _conv_kernels().conv2d_dgrad(dy, w, tuple(x.shape), (s, s), (p, p), (1, 1), 1, like=x)[0]
 
         def ours_wgrad(x, w, dy, s=s, p=pad):
-            from ..ops._registry import kernels
-            return kernels("conv").conv2d_wgrad(dy, x, tuple(w.shape), (s, s), (p, p), (1, 1), 1, False, w.dtype)[0]
+                        return _conv_kernels().conv2d_wgrad(dy, x, tuple(w.shape), (s, s), (p, p), (1, 1), 1, False, w.dtype)[0]
 
         def cudnn(mask, s=s, p=pad):
             def fn(x, w, dy):

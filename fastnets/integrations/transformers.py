@@ -1,17 +1,21 @@
-"""Hugging Face transformers on fastnets kernels.
+"""Hugging Face transformers on fastnets kernels, as swap rules.
 
+    fastnets.swap(model)            # attention, norms, MLPs and the loss on fastnets kernels
+    fastnets.unswap(model)          # and off again, exactly
+    # or piecewise:
     from fastnets.integrations.transformers import register, apply_fastnets
-    register()                                   # adds attn_implementation="fastnets"
+    register()                      # adds attn_implementation="fastnets"
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="fastnets")
-    apply_fastnets(model)                        # norms, MLPs and the loss too (Liger-style)
+    apply_fastnets(model, mlp=False)   # swap() restricted to these rule groups
 
-transformers is optional: importing this module works without it, and register() /
+The rules (RULES below, registered into fastnets.swap at import) match transformers'
+modules by structure or class name; none imports transformers until it matches one of its
+modules. transformers is optional: importing this module works without it, and register() /
 apply_fastnets() raise a clear ImportError when it is missing or too old (the attention
 registry appeared in transformers 4.48).
 """
 from __future__ import annotations
 
-import types
 from typing import Optional
 
 import torch
@@ -19,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..swap import Match, Rule, register_rule, swap
+from ..nn import fused_activation_name
 
 NAME = "fastnets"
 
@@ -75,39 +81,156 @@ def register() -> None:
         pass
 
 
-# --- the Liger-style patcher ----------------------------------------------------------------------
+# --- the rules -------------------------------------------------------------------------------------
+
+def _from_transformers(m: nn.Module) -> bool:
+    return type(m).__module__.startswith("transformers.")
+
+
+_PATCHED: dict = {}
+
+
+def _patched_class(base: type, forward, **attrs) -> type:
+    """A subclass of a transformers module class with fastnets' forward: swapping is a class
+    change like every other rule, and unswap() restores `base`."""
+    key = (base, forward, tuple(sorted(attrs.items())))
+    if key not in _PATCHED:
+        _PATCHED[key] = type(f"Fastnets{base.__name__}", (base,),
+                             {"forward": forward, "__module__": __name__, "__doc__": forward.__doc__, **attrs})
+    return _PATCHED[key]
+
 
 def _rms_forward(self, hidden_states: Tensor) -> Tensor:
+    """RMSNorm on fastnets' rms_norm kernel (Gemma's (1 + w) as offset=1)."""
     eps = getattr(self, "variance_epsilon", None) or getattr(self, "eps", 1e-6)
     return ops.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, eps, offset=self._fastnets_offset)
 
 
 def _gated_mlp_forward(self, x: Tensor) -> Tensor:
-    # [gate | up] from one GEMM, then silu(gate) * up in one pass.
+    """[gate | up] from one GEMM, then act(gate) * up in one pass (SwiGLU / GeGLU)."""
     w = torch.cat((self.gate_proj.weight, self.up_proj.weight), 0)
     b = (torch.cat((self.gate_proj.bias, self.up_proj.bias), 0) if self.gate_proj.bias is not None else None)
     return self.down_proj(ops.bias_act(F.linear(x, w), b, self._fastnets_act))
 
 
 def _gpt2_mlp_forward(self, hidden_states: Tensor) -> Tensor:
-    h = ops.bias_act(hidden_states @ self.c_fc.weight, self.c_fc.bias, "gelu_tanh")   # Conv1D: (in, out) weight
+    """GPT-2's MLP: the fc bias and GELU (tanh) fused after the GEMM (Conv1D: (in, out) weight)."""
+    h = ops.bias_act(hidden_states @ self.c_fc.weight, self.c_fc.bias, "gelu_tanh")
     return self.dropout(self.c_proj(h))
 
 
 def _bert_intermediate_forward(self, hidden_states: Tensor) -> Tensor:
+    """BERT's intermediate: the dense bias and GELU fused after the GEMM."""
     return ops.bias_act(F.linear(hidden_states, self.dense.weight), self.dense.bias, self._fastnets_act)
 
 
-def _act_name(act: nn.Module) -> Optional[str]:
-    name = type(act).__name__
-    if name in ("SiLU", "SiLUActivation"):
-        return "silu"
-    if name in ("GELUActivation",) or (name == "GELU" and getattr(act, "approximate", "none") == "none"):
-        return "gelu"
-    if name in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "GELUPytorchTanh") or (
-            name == "GELU" and getattr(act, "approximate", "none") == "tanh"):
-        return "gelu_tanh"
-    return None
+_GATED = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}
+
+
+def _find(model: nn.Module, pred) -> list:
+    return [Match((name,)) for name, m in model.named_modules() if _from_transformers(m) and pred(m)]
+
+
+def _reclass(model: nn.Module, match, forward, **attrs) -> dict:
+    m = model.get_submodule(match.names[0])
+    m.__class__ = _patched_class(type(m), forward, **attrs)
+    return {match.names[0]: {}}
+
+
+def _is_rms_norm(m: nn.Module) -> bool:
+    return type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), nn.Parameter)
+
+
+def _is_gated_mlp(m: nn.Module) -> bool:
+    return (all(isinstance(getattr(m, a, None), nn.Linear) for a in ("gate_proj", "up_proj", "down_proj"))
+            and fused_activation_name(getattr(m, "act_fn", None)) in _GATED)
+
+
+def _top_models(model: nn.Module) -> list:
+    """The outermost transformers PreTrainedModels in `model` (the attention implementation
+    and the loss are set on them)."""
+    out = []
+    for name, m in model.named_modules():
+        if (_from_transformers(m) and hasattr(m, "config") and hasattr(m.config, "_attn_implementation")
+                and not any(name.startswith(p + ".") or p == "" for p in out)):
+            out.append(name)
+    return [Match((n,)) for n in out]
+
+
+def _set_attention(model: nn.Module, impl) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(impl)
+    else:   # transformers before set_attn_implementation: every config carries it
+        for m in model.modules():
+            if hasattr(getattr(m, "config", None), "_attn_implementation"):
+                m.config._attn_implementation = impl
+
+
+def _attention_convert(model: nn.Module, match) -> dict:
+    register()
+    m = model.get_submodule(match.names[0])
+    saved = {"attn_implementation": m.config._attn_implementation}
+    _set_attention(m, NAME)
+    return {match.names[0]: saved}
+
+
+def _loss_kind(m: nn.Module) -> Optional[str]:
+    if not hasattr(type(m), "loss_function"):
+        return None
+    cls = type(m).__name__
+    if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"):
+        return "causal"
+    return "masked" if cls.endswith("ForMaskedLM") else None
+
+
+def _loss_convert(model: nn.Module, match) -> dict:
+    m = model.get_submodule(match.names[0])
+    saved = {"had": "_loss_function" in m.__dict__, "loss_function": m.__dict__.get("_loss_function")}
+    m.loss_function = causal_lm_loss if _loss_kind(m) == "causal" else masked_lm_loss
+    return {match.names[0]: saved}
+
+
+def _loss_revert(m: nn.Module, saved: dict) -> None:
+    if saved["had"]:
+        m.__dict__["_loss_function"] = saved["loss_function"]
+    else:
+        m.__dict__.pop("_loss_function", None)
+
+
+RULES = [
+    Rule("transformers.attention", _top_models, _attention_convert,
+               lambda m, saved: _set_attention(m, saved["attn_implementation"]),
+               target='attn_implementation="fastnets"', changes_class=False,
+               note="attention on fastnets' flash kernels (output_attentions=True and softcap raise)"),
+    Rule("transformers.rms_norm", lambda model: _find(model, _is_rms_norm),
+               lambda model, match: _reclass(model, match, _rms_forward, _fastnets_offset=(
+                   1.0 if type(model.get_submodule(match.names[0])).__name__.startswith("Gemma") else 0.0)),
+               target="fastnets rms_norm"),
+    Rule("transformers.gated_mlp", lambda model: _find(model, _is_gated_mlp),
+               lambda model, match: _reclass(model, match, _gated_mlp_forward, _fastnets_act=_GATED[
+                   fused_activation_name(model.get_submodule(match.names[0]).act_fn)]),
+               target="one GEMM + fused SwiGLU / GeGLU"),
+    Rule("transformers.gpt2_mlp",
+               lambda model: _find(model, lambda m: type(m).__name__ == "GPT2MLP"
+                                   and fused_activation_name(m.act) == "gelu_tanh"),
+               lambda model, match: _reclass(model, match, _gpt2_mlp_forward), target="fused bias + GELU"),
+    Rule("transformers.bert_intermediate",
+               lambda model: _find(model, lambda m: type(m).__name__ == "BertIntermediate"
+                                   and fused_activation_name(m.intermediate_act_fn) in ("gelu", "gelu_tanh")),
+               lambda model, match: _reclass(model, match, _bert_intermediate_forward, _fastnets_act=(
+                   fused_activation_name(model.get_submodule(match.names[0]).intermediate_act_fn))),
+               target="fused bias + GELU"),
+    Rule("transformers.loss", lambda model: [m for m in _top_models(model)
+                                                    if _loss_kind(model.get_submodule(m.names[0]))],
+               _loss_convert, _loss_revert, target="fastnets cross_entropy", changes_class=False),
+]
+for _rule in RULES:
+    register_rule(_rule)
+
+GROUPS = {"attention": ("transformers.attention",),
+          "norms": ("transformers.rms_norm", "torch.nn.modules.normalization.LayerNorm"),
+          "mlp": ("transformers.gated_mlp", "transformers.gpt2_mlp", "transformers.bert_intermediate"),
+          "cross_entropy": ("transformers.loss",)}
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor, vocab_size: int, num_items_in_batch=None, ignore_index: int = -100,
@@ -139,7 +262,8 @@ def _reduce_hf(logits, target, num_items_in_batch, ignore_index):
 
 def apply_fastnets(model: nn.Module, *, attention: bool = True, norms: bool = True, mlp: bool = True,
                    cross_entropy: bool = True) -> dict:
-    """Put fastnets kernels into a transformers model in place, sharing its parameters:
+    """fastnets.swap(model) restricted to the transformers rule groups asked for (and
+    LayerNorm for norms); unswap() undoes it. Returns {group: [qualified module names]}.
 
     - attention: attn_implementation "fastnets" (registered on first use);
     - norms: LayerNorm -> fastnets.nn.LayerNorm; *RMSNorm modules (Llama, Mistral, Qwen;
@@ -147,47 +271,13 @@ def apply_fastnets(model: nn.Module, *, attention: bool = True, norms: bool = Tr
     - mlp: gated MLPs (gate_proj / up_proj / down_proj with SiLU or GELU) as one GEMM + a
       fused SwiGLU / GeGLU; GPT-2's MLP and BERT's intermediate with a fused bias + GELU;
     - cross_entropy: the causal-LM / masked-LM loss on fastnets' cross-entropy.
-    Returns {what: [module names]} for what was patched.
     """
     _transformers()
-    from .. import swap
-    done: dict = {"attention": [], "norms": [], "mlp": [], "cross_entropy": []}
-    if attention:
-        register()
-        if hasattr(model, "set_attn_implementation"):
-            model.set_attn_implementation(NAME)
-        else:
-            for m in model.modules():
-                if hasattr(m, "config") and hasattr(m.config, "_attn_implementation"):
-                    m.config._attn_implementation = NAME
-        done["attention"].append(NAME)
-    if norms:
-        done["norms"] += [name for name, _, _ in swap(model, include=[nn.LayerNorm], fuse=False).replaced]
-    for name, m in model.named_modules():
-        cls = type(m).__name__
-        if norms and cls.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), nn.Parameter):
-            m._fastnets_offset = 1.0 if cls.startswith("Gemma") else 0.0
-            m.forward = types.MethodType(_rms_forward, m)
-            done["norms"].append(name)
-        elif mlp and all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj")) and hasattr(m, "act_fn"):
-            act = _act_name(m.act_fn)
-            if act in ("silu", "gelu", "gelu_tanh"):
-                m._fastnets_act = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}[act]
-                m.forward = types.MethodType(_gated_mlp_forward, m)
-                done["mlp"].append(name)
-        elif mlp and cls == "GPT2MLP" and _act_name(m.act) == "gelu_tanh":
-            m.forward = types.MethodType(_gpt2_mlp_forward, m)
-            done["mlp"].append(name)
-        elif mlp and cls == "BertIntermediate" and _act_name(m.intermediate_act_fn) in ("gelu", "gelu_tanh"):
-            m._fastnets_act = _act_name(m.intermediate_act_fn)
-            m.forward = types.MethodType(_bert_intermediate_forward, m)
-            done["mlp"].append(name)
-    if cross_entropy and hasattr(type(model), "loss_function"):
-        cls = type(model).__name__
-        if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"):
-            model.loss_function = causal_lm_loss
-            done["cross_entropy"].append("ForCausalLM")
-        elif cls.endswith("ForMaskedLM"):
-            model.loss_function = masked_lm_loss
-            done["cross_entropy"].append("ForMaskedLM")
+    wanted = {"attention": attention, "norms": norms, "mlp": mlp, "cross_entropy": cross_entropy}
+    include = [rule for group, on in wanted.items() if on for rule in GROUPS[group]]
+    report = swap(model, include=include, fuse=False)
+    done: dict = {group: [] for group in GROUPS}
+    for name, _, _, rule in report.replaced:
+        group = next(g for g, rules in GROUPS.items() if rule in rules)
+        done[group].append(name)
     return done

@@ -8,7 +8,6 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .. import nn as fnn
-from ..nn.conv import _Fusion
 
 CFGS = {
     "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],                       # vgg11
@@ -27,7 +26,7 @@ def make_features(cfg, batch_norm: bool, in_channels: int = 3) -> nn.Sequential:
         if batch_norm:
             conv = fnn.Conv2d(c, v, kernel_size=3, padding=1)
             bn = fnn.BatchNorm2d(v, activation="relu")
-            conv._fusion = bn._fusion = _Fusion(conv, bn, "relu")   # eval: one folded conv + ReLU
+            fnn.FusedConv2d.fuse(conv, bn, "relu")   # eval: one folded conv + ReLU; train: BN + ReLU fused
             layers += [conv, bn, nn.Identity()]
         else:
             layers += [fnn.Conv2d(c, v, kernel_size=3, padding=1, activation="relu"), nn.Identity()]

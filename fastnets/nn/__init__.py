@@ -1,12 +1,16 @@
-"""Drop-in modules: same constructor arguments, attributes and state_dict keys as the
-torch.nn classes they replace (each subclasses it), forward through fastnets.ops."""
-from . import conv
-from .attention import (CrossEntropyLoss, MultiheadAttention, TransformerDecoderLayer,
-                        TransformerEncoderLayer)
-from .conv import (AdaptiveAvgPool2d, AdaptiveMaxPool2d, AvgPool2d, BatchNorm2d, Conv1d, Conv2d, ConvTranspose2d,
-                   MaxPool2d, ReLU, conv_bn_act)
+"""Drop-in modules, one file per kernel family: same constructor arguments, attributes and
+state_dict keys as the torch.nn classes they replace (each subclasses it), forward
+through fastnets.ops."""
+from .activation import FoldedReLU, fused_activation_name
+from .attention import MultiheadAttention
+from .batchnorm import BatchNorm2d, FoldedBatchNorm2d
+from .conv import Conv1d, Conv2d, ConvTranspose2d, FusedConv2d, conv_bn_act
+from .loss import CrossEntropyLoss
 from .norm import GroupNorm, LayerNorm, RMSNorm
+from .pool import AdaptiveAvgPool2d, AdaptiveMaxPool2d, AvgPool2d, MaxPool2d
+from .transformer import TransformerDecoderLayer, TransformerEncoder, TransformerEncoderLayer
 
 __all__ = ["AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "AvgPool2d", "BatchNorm2d", "Conv1d", "Conv2d", "ConvTranspose2d",
-           "CrossEntropyLoss", "GroupNorm", "LayerNorm", "MaxPool2d", "MultiheadAttention", "RMSNorm", "ReLU",
-           "TransformerDecoderLayer", "TransformerEncoderLayer", "conv", "conv_bn_act"]
+           "CrossEntropyLoss", "FoldedBatchNorm2d", "FoldedReLU", "FusedConv2d", "GroupNorm", "LayerNorm", "MaxPool2d",
+           "MultiheadAttention", "RMSNorm", "TransformerDecoderLayer", "TransformerEncoder", "TransformerEncoderLayer",
+           "conv_bn_act", "fused_activation_name"]

@@ -1,6 +1,5 @@
-"""MultiheadAttention, TransformerEncoderLayer and TransformerDecoderLayer on the flash
-kernels, and CrossEntropyLoss on the fused cross-entropy kernel. Each subclasses the torch
-class it replaces: same constructor, attributes and state_dict keys."""
+"""MultiheadAttention on the flash kernels: subclasses torch.nn.MultiheadAttention (same
+constructor, attributes and state_dict keys)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -10,7 +9,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _dispatch, ops
-from .norm import LayerNorm
 
 
 def _as_attend_mask(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -95,84 +93,3 @@ class MultiheadAttention(nn.MultiheadAttention):
         if unbatched:
             return out.squeeze(1), None
         return (out.transpose(0, 1) if self.batch_first else out), None
-
-
-def _activation_name(activation) -> Optional[str]:
-    """The fused bias_act name for torch's activation argument, or None (run it as given)."""
-    if activation in ("relu", F.relu) or isinstance(activation, nn.ReLU):
-        return "relu"
-    if activation in ("gelu", F.gelu) or (isinstance(activation, nn.GELU) and activation.approximate == "none"):
-        return "gelu"
-    if isinstance(activation, nn.GELU) and activation.approximate == "tanh":
-        return "gelu_tanh"
-    if activation in (F.silu,) or isinstance(activation, nn.SiLU):
-        return "silu"
-    return None
-
-
-def _to_fast(layer: nn.Module) -> None:
-    """Give a freshly built torch transformer layer fastnets attention and norms, in place
-    (the same Parameter objects: subclasses without extra state)."""
-    for name, child in layer.named_children():
-        if type(child) is nn.MultiheadAttention:
-            child.__class__ = MultiheadAttention
-        elif type(child) is nn.LayerNorm:
-            child.__class__ = LayerNorm
-
-
-class _FeedForward:
-    def _ff_block(self, x: Tensor) -> Tensor:
-        act = _activation_name(self.activation)
-        if act is None:
-            h = self.activation(self.linear1(x))
-        else:
-            # linear1's bias and the activation in one kernel after a bias-free GEMM.
-            h = ops.bias_act(F.linear(x, self.linear1.weight), self.linear1.bias, act)
-        return self.dropout2(self.linear2(self.dropout(h)))
-
-
-class TransformerEncoderLayer(_FeedForward, nn.TransformerEncoderLayer):
-    """``torch.nn.TransformerEncoderLayer`` on fastnets attention, LayerNorm and a fused
-    bias + activation in the feed-forward block. Same arguments; torch's inference fast
-    path (nested tensors) is not used."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        _to_fast(self)
-
-    def forward(self, src: Tensor, src_mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
-                is_causal: bool = False) -> Tensor:
-        if src.is_nested:   # torch.nn.TransformerEncoder's inference fast path hands over nested tensors
-            return super().forward(src, src_mask, src_key_padding_mask, is_causal)
-        x = src
-        if self.norm_first:
-            x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
-            x = x + self._ff_block(self.norm2(x))
-        else:
-            x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
-            x = self.norm2(x + self._ff_block(x))
-        return x
-
-
-class TransformerDecoderLayer(_FeedForward, nn.TransformerDecoderLayer):
-    """``torch.nn.TransformerDecoderLayer`` on fastnets attention (self and cross), LayerNorm
-    and a fused bias + activation in the feed-forward block."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        _to_fast(self)
-
-
-class CrossEntropyLoss(nn.CrossEntropyLoss):
-    """``torch.nn.CrossEntropyLoss`` on the chunked cross-entropy kernel. Extra keyword
-    ``z_loss`` (default 0): adds ``z_loss * logsumexp(logits)^2`` per row."""
-
-    z_loss: float = 0.0
-
-    def __init__(self, *args, z_loss: float = 0.0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.z_loss = float(z_loss)
-
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return ops.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
-                                 reduction=self.reduction, label_smoothing=self.label_smoothing, z_loss=self.z_loss)

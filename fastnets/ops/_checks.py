@@ -65,3 +65,33 @@ def memory_format(t: torch.Tensor) -> torch.memory_format:
     if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def ints(op: str, name: str, v, n: int, min_value: int) -> tuple[int, ...]:
+    """An int or a sequence of n ints (a 1-sequence broadcasts, as torch's _pair) as an n-tuple."""
+    if isinstance(v, (tuple, list, torch.Size)) and len(v) == 1 and n > 1:
+        v = v[0]
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        v = (int(v),) * n
+    elif isinstance(v, (tuple, list, torch.Size)) and len(v) == n and all(
+            isinstance(e, numbers.Integral) and not isinstance(e, bool) for e in v):
+        v = tuple(int(e) for e in v)
+    else:
+        raise TypeError(f"{op}: {name} must be an int or a sequence of {n} ints, got {v!r}")
+    if any(e < min_value for e in v):
+        raise ValueError(f"{op}: {name} must be >= {min_value}, got {v}")
+    return v
+
+
+def autocast(*tensors, only_from_float32: bool = False):
+    """The tensors cast to the autocast dtype when autocast is on for the first one's device
+    (the op is on torch's lower-precision list: convolutions, matmuls, SDPA). float64 and
+    None pass through; only_from_float32 casts only when the first tensor is float32 (SDPA)."""
+    x = tensors[0]
+    dev = x.device.type
+    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
+        return tensors
+    if x.dtype not in ((torch.float32,) if only_from_float32 else (torch.float32, torch.float16, torch.bfloat16)):
+        return tensors
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) if t is not None and t.dtype != torch.float64 else t for t in tensors)

@@ -8,10 +8,15 @@ from torch import Tensor
 
 from .. import _dispatch, reference
 from . import _checks
-from ._registry import kernels
 
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
-GATED = ("swiglu", "geglu", "geglu_tanh")
+
+def _activation_kernels():
+    """fastnets.kernels.activation, imported on first use (importing fastnets never imports triton)."""
+    from ..kernels import activation
+    return activation
+
+ACTIVATIONS = tuple(reference.activation.ACTIVATIONS)   # the one list of names, owned by the reference
+GATED = tuple(reference.activation.GATED)
 
 _dispatch.register_op("bias_act", "fused bias + activation (relu, leaky_relu, gelu, gelu_tanh, silu, tanh, "
                                   "sigmoid) and gated swiglu / geglu", has_cuda=True)
@@ -41,7 +46,7 @@ def _impl(name: str, x: Tensor, bias: Optional[Tensor]):
     if name == "cuda":
         from .. import _ext
         return _CudaBiasAct(_ext.load()), (bias.to(x.dtype).contiguous() if bias is not None else None)
-    return kernels("activation"), bias
+    return _activation_kernels(), bias
 
 
 @torch.library.custom_op("fastnets::bias_act_fwd", mutates_args=())
@@ -105,8 +110,8 @@ def bias_act(input: Tensor, bias: Optional[Tensor] = None, activation: str = "re
         raise ValueError(f"bias_act: gated activation {activation!r} needs an even last dim of input, got {C}")
     bias = _checks.optional_param("bias_act", "bias", bias, like=input, shape=(C,))
     slope = _checks.number("bias_act", "negative_slope", negative_slope)
-    backend = _dispatch.choose("bias_act", input.device)
-    if backend == "torch" or input.numel() == 0:
+    backend = _dispatch.choose("bias_act", input.device, empty=input.numel() == 0)
+    if backend == "torch":
         return reference.bias_act(input, bias, activation, negative_slope=slope)
     x2d = input.reshape(-1, C).contiguous()
     bias = bias.contiguous() if bias is not None else None

@@ -19,7 +19,18 @@ from torch import Tensor
 
 from .. import _dispatch, reference
 from . import _checks
-from ._registry import kernels
+
+
+def _common_kernels():
+    """fastnets.kernels._common, imported on first use (importing fastnets never imports triton)."""
+    from ..kernels import _common
+    return _common
+
+
+def _attention_kernels():
+    """fastnets.kernels.attention, imported on first use (importing fastnets never imports triton)."""
+    from ..kernels import attention
+    return attention
 
 _dispatch.register_op("scaled_dot_product_attention", "flash attention with torch's SDPA signature (masks, causal, "
                                                       "dropout, GQA)")
@@ -37,13 +48,13 @@ def _flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]
                     cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
                     max_seqlen_k: int, scale: float, left: int, right: int, bottom_right: bool, dropout_p: float,
                     seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    return kernels("attention").flash_attn_fwd(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+    return _attention_kernels().flash_attn_fwd(q, k, v, attn_mask, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
                                                max_seqlen_q, max_seqlen_k, scale, left, right, bottom_right,
                                                dropout_p, seed)
 
 
 def _like_layout(t: Tensor, last: int) -> Tensor:
-    return kernels("_common").empty_like_layout(t, last)   # the launchers' allocation, so strides agree
+    return _common_kernels().empty_like_layout(t, last)   # the launchers' allocation, so strides agree
 
 
 @_flash_attn_fwd.register_fake
@@ -60,7 +71,7 @@ def _flash_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse:
                     max_seqlen_q: int, max_seqlen_k: int, scale: float, left: int, right: int, bottom_right: bool,
                     dropout_p: float, seed: Optional[Tensor], mask_grad: bool
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return kernels("attention").flash_attn_bwd(do, q, k, v, o, lse, attn_mask, alibi_slopes, cu_seqlens_q,
+    return _attention_kernels().flash_attn_bwd(do, q, k, v, o, lse, attn_mask, alibi_slopes, cu_seqlens_q,
                                                cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
                                                bottom_right, dropout_p, seed, mask_grad)
 
@@ -175,11 +186,7 @@ def _last_dim_unit(t: Tensor) -> Tensor:
 
 
 def _run(q, k, v, mask, slopes, cu_q, cu_k, max_sq, max_sk, scale, left, right, bottom_right, dropout_p):
-    dev = q.device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev) and q.dtype == torch.float32:
-        # SDPA is on autocast's lower-precision list: attention runs in the autocast dtype.
-        dt = torch.get_autocast_dtype(dev)
-        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    q, k, v = _checks.autocast(q, k, v, only_from_float32=True)   # SDPA is on autocast's lower-precision list
     q, k, v = _last_dim_unit(q), _last_dim_unit(k), _last_dim_unit(v)
     if mask is not None and mask.dtype not in (torch.bool, torch.float32, q.dtype):
         mask = mask.to(q.dtype)
@@ -395,5 +402,5 @@ def dropout_mask(q: Tensor, seed: Tensor, seqlen_k: int, dropout_p: float) -> Te
     """The (B, Hq, Sq, Sk) keep mask a kernel forward on q (B, Hq, Sq, D) with this seed
     applies (testing and debugging)."""
     B, H, Sq, _ = q.shape
-    keep = kernels("attention").dropout_keep_mask(seed, B * H, Sq, seqlen_k, dropout_p, q.device)
+    keep = _attention_kernels().dropout_keep_mask(seed, B * H, Sq, seqlen_k, dropout_p, q.device)
     return keep.view(B, H, Sq, seqlen_k)

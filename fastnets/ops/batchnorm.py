@@ -15,7 +15,12 @@ from torch import Tensor
 
 from .. import _dispatch, reference
 from . import _checks
-from ._registry import kernels
+
+
+def _batchnorm_kernels():
+    """fastnets.kernels.batchnorm, imported on first use (importing fastnets never imports triton)."""
+    from ..kernels import batchnorm
+    return batchnorm
 
 _dispatch.register_op("batch_norm", "BatchNorm (train and eval, any layout) with optional fused activation")
 
@@ -39,7 +44,7 @@ def _fold(weight, bias, mean, rstd):
 def _bn_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
             running_var: Optional[Tensor], training: bool, eps: float, activation: str,
             slope: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    k = kernels("batchnorm")
+    k = _batchnorm_kernels()
     acc = _acc(x.dtype)
     if training:
         mean, var = k.batch_stats(x)
@@ -63,7 +68,7 @@ def _bn_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
             training: bool, activation: str, slope: float) -> tuple[Tensor, Tensor, Tensor]:
     scale, shift = _fold(weight, bias, mean, rstd)
     fmt = _checks.memory_format(x)
-    dx, dw, db = kernels("batchnorm").bn_bwd(dy.contiguous(memory_format=fmt), x, scale, shift, mean, rstd,
+    dx, dw, db = _batchnorm_kernels().bn_bwd(dy.contiguous(memory_format=fmt), x, scale, shift, mean, rstd,
                                              training, activation, slope)
     # Custom-op outputs may not alias each other: a fresh empty for each absent gradient.
     return (dx, dw.to(weight.dtype) if weight is not None else x.new_empty((0,)),
@@ -124,8 +129,8 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     eps = _checks.number(op, "eps", eps, min_value=0.0)
     momentum = _checks.number(op, "momentum", momentum)
     slope = _checks.number(op, "negative_slope", negative_slope)
-    backend = _dispatch.choose(op, input.device)
-    if backend == "torch" or input.numel() == 0:
+    backend = _dispatch.choose(op, input.device, empty=input.numel() == 0)
+    if backend == "torch":
         return reference.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                     activation=activation, negative_slope=slope)
     x = input.contiguous(memory_format=_checks.memory_format(input))

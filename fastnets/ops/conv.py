@@ -22,7 +22,6 @@ from torch import Tensor
 
 from .. import _dispatch, reference
 from . import _checks
-from ._registry import kernels
 
 _dispatch.register_op("conv2d", "implicit-GEMM conv2d (stride, padding incl. 'same', dilation, groups) with a "
                                 "fused bias + activation + residual epilogue")
@@ -30,34 +29,22 @@ _dispatch.register_op("conv1d", "conv1d through the conv2d kernels")
 _dispatch.register_op("conv_transpose2d", "conv_transpose2d (stride, padding, output_padding, groups, "
                                           "dilation) with a fused bias + activation epilogue")
 
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
+from .activation import ACTIVATIONS  # noqa: E402
+
+
+def _activation_kernels():
+    """fastnets.kernels.activation, imported on first use (importing fastnets never imports triton)."""
+    from ..kernels import activation
+    return activation
+
+
+def _conv_kernels():
+    """fastnets.kernels.conv, imported on first use (importing fastnets never imports triton)."""
+    from ..kernels import conv
+    return conv
 
 
 # --- argument handling -----------------------------------------------------------------------
-
-def _ints(op: str, name: str, v, n: int, min_value: int) -> tuple[int, ...]:
-    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
-        v = (int(v),) * n
-    elif isinstance(v, (tuple, list, torch.Size)) and len(v) == n and all(
-            isinstance(e, numbers.Integral) and not isinstance(e, bool) for e in v):
-        v = tuple(int(e) for e in v)
-    else:
-        raise TypeError(f"{op}: {name} must be an int or a sequence of {n} ints, got {v!r}")
-    if any(e < min_value for e in v):
-        raise ValueError(f"{op}: {name} must be >= {min_value}, got {v}")
-    return v
-
-
-def _autocast(x: Tensor, *tensors):
-    """Cast to the autocast dtype when autocast is on for x's device (convolutions are on
-    torch's lower-precision list)."""
-    dev = x.device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        if x.dtype in (torch.float32, torch.float16, torch.bfloat16):
-            return tuple(t.to(dt) if t is not None and t.dtype != torch.float64 else t for t in (x, *tensors))
-    return (x, *tensors)
-
 
 def _check_common(op: str, input: Tensor, weight: Tensor, bias, groups, nd: int):
     _checks.tensor(op, "input", input)
@@ -101,13 +88,9 @@ def _act_backward(dy: Tensor, saved: Tensor, activation: str, slope: float) -> T
         dy_f, s_f = dy.permute(0, 2, 3, 1), saved.permute(0, 2, 3, 1)
     else:
         dy_f, s_f = dy, saved
-    dz, _ = kernels("activation").bias_act_bwd(dy_f.reshape(1, -1), s_f.reshape(1, -1), None, activation, slope)
+    dz, _ = _activation_kernels().bias_act_bwd(dy_f.reshape(1, -1), s_f.reshape(1, -1), None, activation, slope)
     dz = dz.view(dy_f.shape)
     return dz.permute(0, 3, 1, 2) if fmt == torch.channels_last else dz
-
-
-def _backend(op: str, *tensors) -> str:
-    return _dispatch.choose(op, tensors[0].device)
 
 
 # --- conv2d: fastnets::conv2d_fwd / fastnets::conv2d_bwd -------------------------------------
@@ -116,7 +99,7 @@ def _backend(op: str, *tensors) -> str:
 def _conv2d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], stride: list[int],
                 padding: list[int], dilation: list[int], groups: int, out_hw: list[int], activation: str,
                 slope: float, save_z: bool) -> tuple[Tensor, Tensor]:
-    return kernels("conv").conv2d_fwd(x, weight, bias, residual, tuple(stride), tuple(padding), tuple(dilation),
+    return _conv_kernels().conv2d_fwd(x, weight, bias, residual, tuple(stride), tuple(padding), tuple(dilation),
                                       groups, tuple(out_hw), activation, slope, save_z)
 
 
@@ -130,7 +113,7 @@ def _(x, weight, bias, residual, stride, padding, dilation, groups, out_hw, acti
 def _conv2d_bwd(dy: Tensor, x: Tensor, weight: Tensor, saved: Tensor, has_bias: bool, stride: list[int],
                 padding: list[int], dilation: list[int], groups: int, activation: str, slope: float,
                 need_dx: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    conv = kernels("conv")
+    conv = _conv_kernels()
     dz = dy if activation == "identity" else _act_backward(dy, saved, activation, slope)
     # Custom-op outputs may not alias each other: a fresh empty for each absent gradient.
     none = lambda: x.new_empty((0,))  # noqa: E731
@@ -179,8 +162,8 @@ _conv2d_fwd.register_autograd(_conv2d_backward, setup_context=_conv2d_setup)
 
 def _conv2d_geometry(op, x, weight, stride, padding, dilation):
     """(stride, top/left padding, dilation, (P, Q)) with torch's rules and error messages."""
-    stride = _ints(op, "stride", stride, 2, 1)
-    dilation = _ints(op, "dilation", dilation, 2, 1)
+    stride = _checks.ints(op, "stride", stride, 2, 1)
+    dilation = _checks.ints(op, "dilation", dilation, 2, 1)
     KH, KW = weight.shape[-2:]
     H, W = x.shape[-2:]
     if isinstance(padding, str):
@@ -195,7 +178,7 @@ def _conv2d_geometry(op, x, weight, stride, padding, dilation):
         else:
             raise ValueError(f"{op}: padding must be 'valid', 'same', an int or a pair of ints, got {padding!r}")
     else:
-        pad_lo = _ints(op, "padding", padding, 2, 0)
+        pad_lo = _checks.ints(op, "padding", padding, 2, 0)
         pad_total = (2 * pad_lo[0], 2 * pad_lo[1])
     out = []
     for size, k, p, d, s, dim in ((H, KH, pad_total[0], dilation[0], stride[0], "height"),
@@ -244,9 +227,9 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
         if residual.dtype != x.dtype or residual.device != x.device:
             raise TypeError(f"{op}: residual must match input's dtype and device ({x.dtype}, {x.device}), "
                             f"got ({residual.dtype}, {residual.device})")
-    x, weight, bias, residual = _autocast(x, weight, bias, residual)
-    backend = _backend(op, x)
-    if backend == "torch" or x.numel() == 0 or 0 in out_shape:
+    x, weight, bias, residual = _checks.autocast(x, weight, bias, residual)
+    backend = _dispatch.choose(op, x.device, empty=x.numel() == 0 or 0 in out_shape)
+    if backend == "torch":
         y = reference.conv2d(x, weight, bias, stride_, padding if isinstance(padding, str) else pad_lo, dilation_,
                              groups, activation=activation, negative_slope=slope, residual=residual)
     else:
@@ -271,9 +254,9 @@ def conv1d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
         _checks.tensor(op, "residual", res)
         res = res.unsqueeze(0) if unbatched and res.dim() == 2 else res
         res = res.unsqueeze(2)
-    one = lambda v, name: (1, _ints(op, name, v, 1, 0)[0])  # noqa: E731
+    one = lambda v, name: (1, _checks.ints(op, name, v, 1, 0)[0])  # noqa: E731
     stride2, dil2 = one(stride, "stride"), one(dilation, "dilation")
-    pad2 = padding if isinstance(padding, str) else (0, _ints(op, "padding", padding, 1, 0)[0])
+    pad2 = padding if isinstance(padding, str) else (0, _checks.ints(op, "padding", padding, 1, 0)[0])
     backend = _dispatch.choose(op, x.device)
     if backend == "torch":
         y = reference.conv1d(x, weight, bias, stride2[1], padding if isinstance(padding, str) else pad2[1],
@@ -294,7 +277,7 @@ def _convt_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[i
                save_z: bool) -> tuple[Tensor, Tensor]:
     N = x.shape[0]
     C_out = weight.shape[1] * groups
-    return kernels("conv").conv2d_dgrad(x, weight, (N, C_out, *out_hw), tuple(stride), tuple(padding),
+    return _conv_kernels().conv2d_dgrad(x, weight, (N, C_out, *out_hw), tuple(stride), tuple(padding),
                                         tuple(dilation), groups, bias=bias, activation=activation, slope=slope,
                                         store_z=save_z, like=x)
 
@@ -309,7 +292,7 @@ def _(x, weight, bias, stride, padding, dilation, groups, out_hw, activation, sl
 def _convt_bwd(dy: Tensor, x: Tensor, weight: Tensor, saved: Tensor, has_bias: bool, stride: list[int],
                padding: list[int], dilation: list[int], groups: int, activation: str, slope: float,
                need_dx: bool, need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
-    conv = kernels("conv")
+    conv = _conv_kernels()
     dz = dy if activation == "identity" else _act_backward(dy, saved, activation, slope)
     none = lambda: x.new_empty((0,))  # noqa: E731
     # The adjoint of the adjoint: dx is conv2d(dz, weight) sampled at x's size.
@@ -370,10 +353,10 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
         raise ValueError(f"{op}: in_channels ({C_in}) must be divisible by groups={groups}")
     C_out = weight.shape[1] * groups
     bias = _checks.optional_param(op, "bias", bias, like=x, shape=(C_out,))
-    stride_ = _ints(op, "stride", stride, 2, 1)
-    pad = _ints(op, "padding", padding, 2, 0)
-    dil = _ints(op, "dilation", dilation, 2, 1)
-    out_pad = _ints(op, "output_padding", output_padding, 2, 0)
+    stride_ = _checks.ints(op, "stride", stride, 2, 1)
+    pad = _checks.ints(op, "padding", padding, 2, 0)
+    dil = _checks.ints(op, "dilation", dilation, 2, 1)
+    out_pad = _checks.ints(op, "output_padding", output_padding, 2, 0)
     for i, dim in enumerate(("height", "width")):
         if out_pad[i] >= max(stride_[i], dil[i]):
             raise ValueError(f"{op}: output_padding {out_pad} must be smaller than stride or dilation along the "
@@ -383,9 +366,9 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
     if min(out_hw) <= 0:
         raise ValueError(f"{op}: output size {out_hw} is not positive for input shape {tuple(x.shape)}, "
                          f"weight shape {tuple(weight.shape)}, stride {stride_}, padding {pad}")
-    x, weight, bias = _autocast(x, weight, bias)
-    backend = _backend(op, x)
-    if backend == "torch" or x.numel() == 0 or C_out == 0:
+    x, weight, bias = _checks.autocast(x, weight, bias)
+    backend = _dispatch.choose(op, x.device, empty=x.numel() == 0 or C_out == 0)
+    if backend == "torch":
         y = reference.conv_transpose2d(x, weight, bias, stride_, pad, out_pad, groups, dil,
                                        activation=activation, negative_slope=slope)
     else:

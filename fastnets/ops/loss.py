@@ -18,7 +18,12 @@ from torch import Tensor
 
 from .. import _dispatch, reference
 from . import _checks
-from ._registry import kernels
+
+
+def _loss_kernels():
+    """fastnets.kernels.loss, imported on first use (importing fastnets never imports triton)."""
+    from ..kernels import loss
+    return loss
 
 _dispatch.register_op("cross_entropy", "softmax cross-entropy chunked over the vocabulary: ignore_index, "
                                        "label_smoothing, class weights, z-loss")
@@ -32,7 +37,7 @@ REDUCTIONS = ("none", "mean", "sum")
 @torch.library.custom_op("fastnets::cross_entropy_fwd", mutates_args=())
 def _ce_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], wsum: Optional[Tensor], ignore_index: int,
             eps: float, z_loss: float) -> tuple[Tensor, Tensor]:
-    return kernels("loss").cross_entropy_fwd(logits, target, weight, wsum, ignore_index, eps, z_loss)
+    return _loss_kernels().cross_entropy_fwd(logits, target, weight, wsum, ignore_index, eps, z_loss)
 
 
 @_ce_fwd.register_fake
@@ -44,7 +49,7 @@ def _(logits, target, weight, wsum, ignore_index, eps, z_loss):
 @torch.library.custom_op("fastnets::cross_entropy_bwd", mutates_args=())
 def _ce_bwd(grad: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor], wsum: Optional[Tensor],
             lse: Tensor, ignore_index: int, eps: float, z_loss: float) -> Tensor:
-    return kernels("loss").cross_entropy_bwd(grad, logits, target, weight, wsum, lse, ignore_index, eps, z_loss)
+    return _loss_kernels().cross_entropy_bwd(grad, logits, target, weight, wsum, lse, ignore_index, eps, z_loss)
 
 
 @_ce_bwd.register_fake
@@ -55,7 +60,7 @@ def _(grad, logits, target, weight, wsum, lse, ignore_index, eps, z_loss):
 @torch.library.custom_op("fastnets::cross_entropy_fwd_grad_", mutates_args=("logits",))
 def _ce_fwd_grad_(logits: Tensor, target: Tensor, weight: Optional[Tensor], wsum: Optional[Tensor],
                   grad_scale: Tensor, ignore_index: int, eps: float, z_loss: float) -> tuple[Tensor, Tensor]:
-    return kernels("loss").cross_entropy_fwd_grad_(logits, target, weight, wsum, grad_scale, ignore_index, eps,
+    return _loss_kernels().cross_entropy_fwd_grad_(logits, target, weight, wsum, grad_scale, ignore_index, eps,
                                                    z_loss)
 
 
@@ -163,7 +168,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     makes the loss NaN on CUDA (torch raises a device-side assert there).
     The loss has input's dtype (float32 under autocast, as torch) unless out_dtype is given
     (e.g. float32 for bf16 logits, skipping a rounding); all arithmetic is float32.
-    Probability (float) targets fall back to the torch reference with a warning.
+    Probability (float) targets (input's shape) run the torch reference, z_loss and out_dtype
+    included, with a warning once (counted as a fallback in backend_report()).
     Backward: input. Backends: triton (CUDA), interpret (CPU + TRITON_INTERPRET=1), torch.
     """
     op = "cross_entropy"
@@ -174,14 +180,17 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         raise ValueError(f"{op}: input must have a class dimension, got a 0-D tensor")
     C = input.shape[0] if input.dim() == 1 else input.shape[1]
     weight, wsum = _class_weight(op, "weight", weight, C, input)
-    if isinstance(target, Tensor) and target.is_floating_point():
-        _dispatch.warn_once((op, "soft"), f"fastnets.{op}: probability targets run on the torch reference")
-        import torch.nn.functional as F
-        return F.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
-                               label_smoothing=eps)
     if out_dtype is None:
         out_dtype = torch.float32 if (input.device.type in ("cuda", "cpu")
                                       and torch.is_autocast_enabled(input.device.type)) else input.dtype
+    if isinstance(target, Tensor) and target.is_floating_point():
+        if tuple(target.shape) != tuple(input.shape):
+            raise ValueError(f"{op}: probability targets must have input's shape {tuple(input.shape)}, "
+                             f"got {tuple(target.shape)}")
+        if target.device != input.device:
+            raise ValueError(f"{op}: target is on {target.device} but input is on {input.device}")
+        _dispatch.choose(op, input.device, unsupported="probability (float) targets")
+        return reference.cross_entropy(input, target, weight, ignore_index, reduction, eps, z_loss).to(out_dtype)
     if input.dim() == 1:
         logits, tshape = input.unsqueeze(0), ()
     elif input.dim() == 2:
@@ -328,10 +337,7 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
         raise ValueError(f"{op}: weight is on {weight.device} but input is on {input.device}")
     V, H = weight.shape
     bias = _checks.optional_param(op, "bias", bias, like=input, shape=(V,))
-    if input.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(input.device.type):
-        dt = torch.get_autocast_dtype(input.device.type)
-        input, weight = input.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
+    input, weight, bias = _checks.autocast(input, weight, bias)
     if weight.dtype != input.dtype or (bias is not None and bias.dtype != input.dtype):
         raise TypeError(f"{op}: input, weight and bias must share a dtype, got {input.dtype}, {weight.dtype}"
                         + (f", {bias.dtype}" if bias is not None else ""))

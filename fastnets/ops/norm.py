@@ -14,7 +14,12 @@ from torch import Tensor
 
 from .. import _dispatch, reference
 from . import _checks
-from ._registry import kernels
+
+
+def _norm_kernels():
+    """fastnets.kernels.norm, imported on first use (importing fastnets never imports triton)."""
+    from ..kernels import norm
+    return norm
 
 _dispatch.register_op("layer_norm", "row LayerNorm, weight/bias optional, any normalized size")
 _dispatch.register_op("rms_norm", "RMSNorm with Gemma-style offset")
@@ -30,7 +35,7 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 @torch.library.custom_op("fastnets::row_norm_fwd", mutates_args=())
 def _row_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, is_rms: bool,
                   offset: float) -> tuple[Tensor, Tensor, Tensor]:
-    return kernels("norm").row_norm_fwd(x, weight, bias, eps, is_rms, offset)
+    return _norm_kernels().row_norm_fwd(x, weight, bias, eps, is_rms, offset)
 
 
 @_row_norm_fwd.register_fake
@@ -43,7 +48,7 @@ def _(x, weight, bias, eps, is_rms, offset):
 @torch.library.custom_op("fastnets::row_norm_bwd", mutates_args=())
 def _row_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], has_bias: bool, mean: Tensor, rstd: Tensor,
                   is_rms: bool, offset: float) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dw, db = kernels("norm").row_norm_bwd(dy, x, weight, has_bias, mean, rstd, is_rms, offset)
+    dx, dw, db = _norm_kernels().row_norm_bwd(dy, x, weight, has_bias, mean, rstd, is_rms, offset)
     # Custom ops return tensors, not None, and outputs may not alias: one empty each.
     return dx, (dw if dw is not None else x.new_empty((0,))), (db if db is not None else x.new_empty((0,)))
 
@@ -102,7 +107,7 @@ def layer_norm(input: Tensor, normalized_shape, weight: Optional[Tensor] = None,
     bias = _checks.optional_param("layer_norm", "bias", bias, like=input, shape=shape)
     eps = _checks.number("layer_norm", "eps", eps, min_value=0.0)
     # Empty input: nothing for a kernel to do; the reference returns the empty result.
-    if _dispatch.choose("layer_norm", input.device) == "torch" or input.numel() == 0:
+    if _dispatch.choose("layer_norm", input.device, empty=input.numel() == 0) == "torch":
         return reference.layer_norm(input, shape, weight, bias, eps)
     return _row_norm(input, shape, weight, bias, eps, False, 0.0)
 
@@ -119,7 +124,7 @@ def rms_norm(input: Tensor, normalized_shape, weight: Optional[Tensor] = None, e
     weight = _checks.optional_param("rms_norm", "weight", weight, like=input, shape=shape)
     eps = torch.finfo(input.dtype).eps if eps is None else _checks.number("rms_norm", "eps", eps, min_value=0.0)
     offset = _checks.number("rms_norm", "offset", offset)
-    if _dispatch.choose("rms_norm", input.device) == "torch" or input.numel() == 0:
+    if _dispatch.choose("rms_norm", input.device, empty=input.numel() == 0) == "torch":
         return reference.rms_norm(input, shape, weight, eps, offset=offset)
     return _row_norm(input, shape, weight, None, eps, True, offset)
 
@@ -129,7 +134,7 @@ def rms_norm(input: Tensor, normalized_shape, weight: Optional[Tensor] = None, e
 @torch.library.custom_op("fastnets::group_norm_fwd", mutates_args=())
 def _group_norm_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
                     silu: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return kernels("norm").group_norm_fwd(x, num_groups, weight, bias, eps, silu)
+    return _norm_kernels().group_norm_fwd(x, num_groups, weight, bias, eps, silu)
 
 
 @_group_norm_fwd.register_fake
@@ -141,7 +146,7 @@ def _(x, num_groups, weight, bias, eps, silu):
 @torch.library.custom_op("fastnets::group_norm_bwd", mutates_args=())
 def _group_norm_bwd(dy: Tensor, x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
                     mean: Tensor, rstd: Tensor, silu: bool) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dw, db = kernels("norm").group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, silu)
+    dx, dw, db = _norm_kernels().group_norm_bwd(dy, x, num_groups, weight, bias, mean, rstd, silu)
     # Custom ops return tensors, not None, and outputs may not alias: one empty each.
     return dx, (dw if dw is not None else x.new_empty((0,))), (db if db is not None else x.new_empty((0,)))
 
@@ -190,7 +195,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     eps = _checks.number("group_norm", "eps", eps, min_value=0.0)
     if activation not in (None, "silu"):
         raise ValueError(f"group_norm: activation must be None or 'silu', got {activation!r}")
-    if _dispatch.choose("group_norm", input.device) == "torch" or input.numel() == 0:
+    if _dispatch.choose("group_norm", input.device, empty=input.numel() == 0) == "torch":
         return reference.group_norm(input, num_groups, weight, bias, eps, activation=activation)
     x3d = input.contiguous().view(input.shape[0], C, -1)
     weight = weight.contiguous() if weight is not None else None

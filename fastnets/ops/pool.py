@@ -13,7 +13,12 @@ from torch import Tensor
 from .. import _dispatch
 from .. import reference as F
 from . import _checks
-from ._registry import kernels
+
+
+def _pool_kernels():
+    """fastnets.kernels.pool, imported on first use (importing fastnets never imports triton)."""
+    from ..kernels import pool
+    return pool
 
 _dispatch.register_op("max_pool2d", "max pooling (kernel, stride, padding, dilation, ceil_mode, return_indices)")
 _dispatch.register_op("avg_pool2d", "average pooling (count_include_pad, ceil_mode, divisor_override)")
@@ -25,7 +30,7 @@ _dispatch.register_op("adaptive_max_pool2d", "adaptive max pooling, incl. global
 def _pool_fwd(x: Tensor, out_hw: list[int], kernel: list[int], stride: list[int], padding: list[int],
               dilation: list[int], is_max: bool, adaptive: bool, count_include_pad: bool, divisor: int,
               store_idx: bool) -> tuple[Tensor, Tensor]:
-    y, idx = kernels("pool").pool2d_fwd(x, tuple(out_hw), tuple(kernel), tuple(stride), tuple(padding),
+    y, idx = _pool_kernels().pool2d_fwd(x, tuple(out_hw), tuple(kernel), tuple(stride), tuple(padding),
                                         tuple(dilation), is_max=is_max, adaptive=adaptive,
                                         count_include_pad=count_include_pad, divisor_override=divisor or None,
                                         store_idx=store_idx)
@@ -46,7 +51,7 @@ def _(x, out_hw, kernel, stride, padding, dilation, is_max, adaptive, count_incl
 def _pool_bwd(dy: Tensor, idx: Tensor, x_shape: list[int], x_channels_last: bool, kernel: list[int],
               stride: list[int], padding: list[int], dilation: list[int], is_max: bool, adaptive: bool,
               count_include_pad: bool, divisor: int) -> Tensor:
-    return kernels("pool").pool2d_bwd(dy, idx if is_max else None, tuple(x_shape), x_channels_last, tuple(kernel),
+    return _pool_kernels().pool2d_bwd(dy, idx if is_max else None, tuple(x_shape), x_channels_last, tuple(kernel),
                                       tuple(stride), tuple(padding), tuple(dilation), is_max=is_max,
                                       adaptive=adaptive, count_include_pad=count_include_pad,
                                       divisor_override=divisor or None)
@@ -78,20 +83,6 @@ _pool_fwd.register_autograd(_backward, setup_context=_setup)
 
 # --- argument handling --------------------------------------------------------------------------
 
-def _pair(op: str, name: str, v, min_value: int) -> tuple[int, int]:
-    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
-        v = (int(v), int(v))
-    elif isinstance(v, (tuple, list)) and len(v) == 1 and isinstance(v[0], numbers.Integral):
-        v = (int(v[0]), int(v[0]))
-    elif not (isinstance(v, (tuple, list)) and len(v) == 2 and all(
-            isinstance(e, numbers.Integral) and not isinstance(e, bool) for e in v)):
-        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
-    v = (int(v[0]), int(v[1]))
-    if min(v) < min_value:
-        raise ValueError(f"{op}: {name} must be >= {min_value}, got {v}")
-    return v
-
-
 def _input(op: str, input) -> tuple[Tensor, bool]:
     _checks.tensor(op, "input", input)
     if input.dim() not in (3, 4):
@@ -114,11 +105,11 @@ def _out_size(op, size, k, s, p, d, ceil_mode, dim):
 
 
 def _fixed_geometry(op, x, kernel_size, stride, padding, dilation, ceil_mode, half_of_effective: bool):
-    kernel = _pair(op, "kernel_size", kernel_size, 1)
+    kernel = _checks.ints(op, "kernel_size", kernel_size, 2, 1)
     stride = kernel if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) else \
-        _pair(op, "stride", stride, 1)
-    padding = _pair(op, "padding", padding, 0)
-    dilation = _pair(op, "dilation", dilation, 1)
+        _checks.ints(op, "stride", stride, 2, 1)
+    padding = _checks.ints(op, "padding", padding, 2, 0)
+    dilation = _checks.ints(op, "dilation", dilation, 2, 1)
     for i in range(2):
         eff = (kernel[i] - 1) * dilation[i] + 1 if half_of_effective else kernel[i]
         if padding[i] > eff // 2:
@@ -159,7 +150,7 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
     op = "max_pool2d"
     x, unbatched = _input(op, input)
     kernel, stride_, pad, dil, out = _fixed_geometry(op, x, kernel_size, stride, padding, dilation, ceil_mode, True)
-    if _dispatch.choose(op, x.device) == "torch":
+    if _dispatch.choose(op, x.device, empty=x.numel() == 0) == "torch":
         return F.max_pool2d(input, kernel, stride_, pad, dil, ceil_mode, return_indices)
     return _run(op, x, unbatched, out, kernel, stride_, pad, dil, is_max=True, adaptive=False,
                 return_indices=return_indices)
@@ -174,7 +165,7 @@ def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bo
     if divisor_override is not None and (isinstance(divisor_override, bool) or
                                          not isinstance(divisor_override, numbers.Integral) or divisor_override == 0):
         raise ValueError(f"{op}: divisor_override must be a non-zero int or None, got {divisor_override!r}")
-    if _dispatch.choose(op, x.device) == "torch":
+    if _dispatch.choose(op, x.device, empty=x.numel() == 0) == "torch":
         return F.avg_pool2d(input, kernel, stride_, pad, ceil_mode, count_include_pad, divisor_override)
     return _run(op, x, unbatched, out, kernel, stride_, pad, dil, is_max=False, adaptive=False,
                 count_include_pad=bool(count_include_pad), divisor=int(divisor_override or 0))
@@ -185,7 +176,7 @@ def adaptive_avg_pool2d(input: Tensor, output_size) -> Tensor:
     op = "adaptive_avg_pool2d"
     x, unbatched = _input(op, input)
     out = _adaptive_out(op, x, output_size)
-    if _dispatch.choose(op, x.device) == "torch":
+    if _dispatch.choose(op, x.device, empty=x.numel() == 0) == "torch":
         return F.adaptive_avg_pool2d(input, out)
     return _run(op, x, unbatched, out, (1, 1), (1, 1), (0, 0), (1, 1), is_max=False, adaptive=True)
 
@@ -195,7 +186,7 @@ def adaptive_max_pool2d(input: Tensor, output_size, return_indices: bool = False
     op = "adaptive_max_pool2d"
     x, unbatched = _input(op, input)
     out = _adaptive_out(op, x, output_size)
-    if _dispatch.choose(op, x.device) == "torch":
+    if _dispatch.choose(op, x.device, empty=x.numel() == 0) == "torch":
         return F.adaptive_max_pool2d(input, out, return_indices)
     return _run(op, x, unbatched, out, (1, 1), (1, 1), (0, 0), (1, 1), is_max=True, adaptive=True,
                 return_indices=return_indices)

@@ -9,7 +9,18 @@ from torch import Tensor
 from .. import _dispatch, reference
 from ..reference.rope import rope_cos_sin  # noqa: F401  (re-exported: the tables models build)
 from . import _checks
-from ._registry import kernels
+
+
+def _common_kernels():
+    """fastnets.kernels._common, imported on first use (importing fastnets never imports triton)."""
+    from ..kernels import _common
+    return _common
+
+
+def _rope_kernels():
+    """fastnets.kernels.rope, imported on first use (importing fastnets never imports triton)."""
+    from ..kernels import rope
+    return rope
 
 _dispatch.register_op("apply_rotary_emb", "rotary embedding, half-split or interleaved, partial rotary, positions")
 
@@ -17,12 +28,12 @@ _dispatch.register_op("apply_rotary_emb", "rotary embedding, half-split or inter
 @torch.library.custom_op("fastnets::rope", mutates_args=())
 def _rope(x: Tensor, cos: Tensor, sin: Tensor, position_ids: Optional[Tensor], seqlen_offset: int, interleaved: bool,
           conj: bool) -> Tensor:
-    return kernels("rope").rope(x, cos, sin, position_ids, seqlen_offset, interleaved, conj)
+    return _rope_kernels().rope(x, cos, sin, position_ids, seqlen_offset, interleaved, conj)
 
 
 @_rope.register_fake
 def _(x, cos, sin, position_ids, seqlen_offset, interleaved, conj):
-    return kernels("_common").empty_like_layout(x, x.shape[3])
+    return _common_kernels().empty_like_layout(x, x.shape[3])
 
 
 def _rope_setup(ctx, inputs, output):

@@ -1,9 +1,11 @@
+"""Plain-PyTorch activations: the one list of activation names every fastnets op accepts
+(ACTIVATIONS: pointwise, GATED: act(gate) * up over a split last dim)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-_ACTIVATIONS = {
+ACTIVATIONS = {
     "identity": lambda z, s: z,
     "relu": lambda z, s: F.relu(z),
     "leaky_relu": lambda z, s: F.leaky_relu(z, s),
@@ -13,16 +15,16 @@ _ACTIVATIONS = {
     "tanh": lambda z, s: torch.tanh(z),
     "sigmoid": lambda z, s: torch.sigmoid(z),
 }
-_GATED = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
+GATED = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
 
 
 def bias_act(input, bias=None, activation="relu", *, negative_slope=0.01):
     z = input.double() if input.dtype == torch.float64 else input.float()
     if bias is not None:
         z = z + bias.to(z.dtype)
-    if activation in _GATED:
+    if activation in GATED:
         gate, up = z.chunk(2, dim=-1)
-        y = _ACTIVATIONS[_GATED[activation]](gate, negative_slope) * up
+        y = ACTIVATIONS[GATED[activation]](gate, negative_slope) * up
     else:
-        y = _ACTIVATIONS[activation](z, negative_slope)
+        y = ACTIVATIONS[activation](z, negative_slope)
     return y.to(input.dtype)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from .activation import _ACTIVATIONS
+from .activation import ACTIVATIONS
 
 
 def _acc(t):
@@ -32,4 +32,4 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         y = y * _acc(weight).view(shape)
     if bias is not None:
         y = y + _acc(bias).view(shape)
-    return _ACTIVATIONS[activation](y, negative_slope).to(input.dtype)
+    return ACTIVATIONS[activation](y, negative_slope).to(input.dtype)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from .activation import _ACTIVATIONS
+from .activation import ACTIVATIONS
 
 
 def _acc(t):
@@ -14,7 +14,7 @@ def _acc(t):
 def _epilogue(z, residual, activation, negative_slope, dtype):
     if residual is not None:
         z = z + _acc(residual)
-    return _ACTIVATIONS[activation](z, negative_slope).to(dtype)
+    return ACTIVATIONS[activation](z, negative_slope).to(dtype)
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, activation="identity",

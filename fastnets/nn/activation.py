@@ -1,0 +1,53 @@
+"""Activation modules, and the one map from an activation someone else wrote (a torch.nn
+module, a torch function, a name, a Hugging Face activation class) to the name fastnets'
+fused epilogues take."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..reference.activation import ACTIVATIONS
+
+# Hugging Face's activation classes, by class name (transformers is optional: no import).
+_HF_ACTIVATIONS = {"SiLUActivation": "silu", "GELUActivation": "gelu", "NewGELUActivation": "gelu_tanh",
+                   "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh", "GELUPytorchTanh": "gelu_tanh"}
+_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.gelu: "gelu", F.silu: "silu", torch.tanh: "tanh",
+              F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid"}
+
+
+def fused_activation_name(act) -> Optional[str]:
+    """The fused-epilogue name (one of fastnets.reference.activation.ACTIVATIONS) computing
+    exactly what `act` computes, or None when there is none (run `act` as given)."""
+    if isinstance(act, str):
+        return act if act in ACTIVATIONS else None
+    if isinstance(act, nn.GELU):
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
+    for cls, name in ((nn.ReLU, "relu"), (nn.SiLU, "silu"), (nn.Tanh, "tanh"), (nn.Sigmoid, "sigmoid"),
+                      (nn.Identity, "identity")):
+        if type(act) is cls:
+            return name
+    if isinstance(act, nn.Module):
+        name = type(act).__name__
+        return _HF_ACTIVATIONS.get(name) if type(act).__module__.startswith("transformers.") else None
+    try:
+        return _FUNCTIONS.get(act)
+    except TypeError:   # unhashable callables
+        return None
+
+
+class FoldedReLU(nn.ReLU):
+    """A ReLU after a Conv2d -> BatchNorm2d chain that fastnets fused (fastnets.nn.FusedConv2d):
+    in eval mode the conv's epilogue already applied it, so it passes its input through;
+    in training it is torch.nn.ReLU."""
+
+    @property
+    def fused_conv(self) -> nn.Module:
+        return self.__dict__["_fastnets_fused_conv"]
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.fused_conv.fusion_active():
+            return input
+        return super().forward(input)
