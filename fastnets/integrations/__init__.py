@@ -1,1 +1,4 @@
-"""Integrations with other libraries (optional dependencies, imported on use)."""
+"""Integrations with other libraries, as swap rules. Importing them registers their rules
+in fastnets.swap and imports none of the libraries (each imports its library when a rule
+matches one of its modules, or when its functions are called)."""
+from . import transformers  # noqa: F401
