@@ -70,3 +70,62 @@ def test_import_does_not_import_triton_or_touch_cuda():
             "assert 'fastnets._C' not in sys.modules; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+# --- no silent fallback ----------------------------------------------------------------------------
+
+def _fresh_warnings(monkeypatch):
+    monkeypatch.setattr(_dispatch, "_warned", set())
+
+
+@pytest.mark.parametrize("why, setup", [
+    ("TRITON_INTERPRET=1", lambda mp: mp.setenv("TRITON_INTERPRET", "1")),
+    ("triton is not installed", lambda mp: mp.setattr(_dispatch, "triton_available", lambda: False)),
+])
+def test_cuda_tensor_torch_fallbacks_warn_and_count(monkeypatch, why, setup):
+    """A CUDA tensor that runs torch (no Triton, or the interpreter on) warns once, counts as
+    a fallback and shows in backend_report(). The decision is made from the device type, so
+    it is checked here without a GPU."""
+    _fresh_warnings(monkeypatch)
+    setup(monkeypatch)
+    cuda = torch.device("cuda")
+    before = _dispatch.fallbacks.copy()
+    with pytest.warns(UserWarning, match=f"fastnets.layer_norm: running the torch reference .*{why}"):
+        assert _dispatch.choose("layer_norm", cuda) == "torch"
+    assert sum(_dispatch.fallbacks.values()) == sum(before.values()) + 1
+    row = next(r for r in fastnets.backend_report(cuda) if r["op"] == "layer_norm")
+    assert row["backend"] == "torch" and why in row["why"] and any(why in f for f in row["fallbacks_seen"])
+
+
+def test_forced_torch_is_not_a_fallback(monkeypatch):
+    _fresh_warnings(monkeypatch)
+    before = sum(_dispatch.fallbacks.values())
+    with fastnets.backend("torch"), expect_backend("rms_norm", "torch"):
+        ops.rms_norm(torch.randn(2, 8, device=DEVICE), (8,))
+    assert sum(_dispatch.fallbacks.values()) == before
+
+
+def test_empty_inputs_count_as_torch():
+    """No kernel launches for an empty tensor: the call counts as torch, what ran."""
+    for op, run in [("layer_norm", lambda: ops.layer_norm(torch.randn(0, 8, device=DEVICE), (8,))),
+                    ("bias_act", lambda: ops.bias_act(torch.randn(0, 8, device=DEVICE))),
+                    ("conv2d", lambda: ops.conv2d(torch.randn(0, 3, 5, 5, device=DEVICE),
+                                                  torch.randn(4, 3, 3, 3, device=DEVICE))),
+                    ("max_pool2d", lambda: ops.max_pool2d(torch.randn(0, 3, 4, 4, device=DEVICE), 2))]:
+        kernel = _dispatch.calls[(op, KERNEL_BACKEND)]
+        with expect_backend(op, "torch"):
+            out = run()
+        assert out.numel() == 0 and _dispatch.calls[(op, KERNEL_BACKEND)] == kernel, op
+
+
+def test_module_fallbacks_go_through_dispatch(monkeypatch):
+    """nn.MultiheadAttention's need_weights=True runs torch: warned, counted, reported."""
+    _fresh_warnings(monkeypatch)
+    mha = fastnets.nn.MultiheadAttention(8, 2).to(DEVICE)
+    x = torch.randn(3, 2, 8, device=DEVICE)
+    before = _dispatch.calls[("scaled_dot_product_attention", "torch")]
+    with pytest.warns(UserWarning, match="need_weights=True"):
+        mha(x, x, x)
+    assert _dispatch.calls[("scaled_dot_product_attention", "torch")] == before + 1
+    row = next(r for r in fastnets.backend_report(DEVICE) if r["op"] == "scaled_dot_product_attention")
+    assert any("need_weights=True" in f for f in row["fallbacks_seen"])

@@ -60,12 +60,29 @@ def test_cross_entropy_all_ignored_is_nan_like_torch():
     assert ops.cross_entropy(x, t, reduction="sum") == 0
 
 
-def test_cross_entropy_soft_targets_fall_back():
-    x = torch.randn(4, 9, device=DEVICE)
-    p = torch.softmax(torch.randn(4, 9, device=DEVICE), -1)
-    with pytest.warns(UserWarning, match="probability targets"):
-        out = ops.cross_entropy(x, p)
-    torch.testing.assert_close(out, F.cross_entropy(x, p))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_soft_targets_fall_back_with_every_option(reduction, monkeypatch):
+    """Probability targets run the torch reference: warned, counted as a fallback, and
+    z_loss, label_smoothing, class weights and out_dtype still apply."""
+    from fastnets import _dispatch
+    monkeypatch.setattr(_dispatch, "_warned", set())
+    x = torch.randn(4, 9, device=DEVICE, dtype=torch.float64)
+    p = torch.softmax(torch.randn(4, 9, device=DEVICE, dtype=torch.float64), -1)
+    w = torch.rand(9, device=DEVICE, dtype=torch.float64) + 0.5
+    before = _dispatch.calls[("cross_entropy", "torch")]
+    with pytest.warns(UserWarning, match="probability"):
+        out = ops.cross_entropy(x, p, w, reduction=reduction, label_smoothing=0.1, z_loss=1e-2,
+                                out_dtype=torch.float32)
+    assert _dispatch.calls[("cross_entropy", "torch")] == before + 1
+    assert out.dtype == torch.float32
+    z = 1e-2 * torch.logsumexp(x, -1) ** 2
+    rows = F.cross_entropy(x, p, w, reduction="none", label_smoothing=0.1) + z
+    want = {"none": rows, "sum": rows.sum(), "mean": rows.sum() / 4}[reduction]
+    torch.testing.assert_close(out, want.float())
+    # and without the extras, exactly torch's
+    torch.testing.assert_close(ops.cross_entropy(x, p, w, reduction=reduction), F.cross_entropy(x, p, w, reduction=reduction))
+    with pytest.raises(ValueError, match="probability targets must have input's shape"):
+        ops.cross_entropy(x, p[:, :5])
 
 
 # --- fused linear + cross-entropy ----------------------------------------------------------------------

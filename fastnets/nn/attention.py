@@ -51,8 +51,8 @@ class MultiheadAttention(nn.MultiheadAttention):
                 is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         if need_weights or self.bias_k is not None or self.add_zero_attn:
             why = "need_weights=True" if need_weights else "add_bias_kv / add_zero_attn"
-            _dispatch.warn_once(("MultiheadAttention", why), f"fastnets.nn.MultiheadAttention: {why} runs torch's "
-                                "implementation (pass need_weights=False for the flash kernels)")
+            _dispatch.fallback("scaled_dot_product_attention", f"nn.MultiheadAttention with {why} needs the "
+                               "attention matrix (pass need_weights=False for the flash kernels)")
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                    is_causal=is_causal)
