@@ -48,6 +48,43 @@ def acc_torch_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _bf16_as_float32(data):
+    """The interpreter keeps bfloat16 as its raw uint16 bits: widen to the float32 with the
+    same value (a bf16 is the top half of that float32)."""
+    import numpy as np
+    return (data.astype(np.uint32) << 16).view(np.float32)
+
+
+def fix_interpreter_bf16_dot() -> None:
+    """Make the interpreter's tl.dot right for bfloat16 operands.
+
+    Triton's interpreter multiplies bfloat16 operands as their raw uint16 bits (garbage).
+    A bf16 tensor-core dot is bf16 products accumulated in float32, and a bf16 x bf16 product
+    is exact in float32 (8 + 8 significant bits), so upcasting the operands to float32 first
+    computes exactly what the GPU computes. Only the interpreter's dot is changed: compiled
+    kernels, their source and the static report are untouched (zero cost on a GPU), and
+    every kernel's bf16 path, today's and later ones, is testable on a CPU."""
+    from triton.runtime import interpreter
+    builder = interpreter.InterpreterBuilder
+    original = builder.create_dot
+    if getattr(original, "fastnets_bf16", False):
+        return
+
+    def create_dot(self, a, b, d, *args, **kwargs):
+        if a.dtype.scalar == tl.bfloat16:
+            a = interpreter.TensorHandle(_bf16_as_float32(a.data), tl.float32)
+        if b.dtype.scalar == tl.bfloat16:
+            b = interpreter.TensorHandle(_bf16_as_float32(b.data), tl.float32)
+        return original(self, a, b, d, *args, **kwargs)
+
+    create_dot.fastnets_bf16 = True
+    builder.create_dot = create_dot
+
+
+if _config.interpret_requested():
+    fix_interpreter_bf16_dot()
+
+
 # Launches on meta tensors are recorded, never run: fastnets.bench.launches drives every
 # launcher on meta tensors and compiles what they would launch, ahead of time, on a machine
 # without a GPU (the static kernel report). They take the GPU launch shapes, for an H100.

@@ -44,7 +44,7 @@ def test_batch_norm_eval(dtype, channels_last):
     rm, rv = torch.randn(8, device=DEVICE).to(dtype), (torch.rand(8, device=DEVICE) + 0.5).to(dtype)
     check_op("batch_norm", lambda x, w, b: ops.batch_norm(x, rm, rv, w, b, False),
              lambda x, w, b: reference.batch_norm(x, rm, rv, w, b, False), [x, w, b], dtype,
-             peer=lambda x, w, b: F.batch_norm(x, rm, rv, w, b, False))
+             peer=lambda x, w, b: F.batch_norm(x, rm.to(x.dtype), rv.to(x.dtype), w, b, False))
 
 
 @pytest.mark.parametrize("shape", [(16, 7), (4, 5, 9)])

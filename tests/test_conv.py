@@ -1,15 +1,17 @@
 """conv2d / conv1d / conv_transpose2d: every option against the float64 reference and torch
 eager, forward and every gradient, NCHW and channels_last, the fused epilogue, gradcheck,
-bad input. bfloat16 runs on GPUs only: the interpreter's bf16 tl.dot is wrong."""
+bad input. bfloat16 included: the
+interpreter's bf16 dot is fixed in kernels._common."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fastnets import ops, reference
 from fastnets.ops.conv import ACTIVATIONS
+import tolerances
 from helpers import DEVICE, assert_close, check_op, expect_backend
 
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+DTYPES = list(tolerances.DTYPES)
 
 # (input shape, weight shape, stride, padding, dilation, groups)
 CONV2D_CASES = [

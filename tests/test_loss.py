@@ -32,7 +32,7 @@ def test_cross_entropy(opts, dtype, reduction):
     t = _target(N, V, opts.get("ignore_index"))
     kw = dict(opts, reduction=reduction)
     z = kw.get("z_loss", 0.0)
-    peer = None if z else (lambda x: F.cross_entropy(x, t, weight=None if weight is None else weight.to(dtype), **kw))
+    peer = None if z else (lambda x: F.cross_entropy(x, t, weight=None if weight is None else weight.to(x.dtype), **kw))
     check_op("cross_entropy", lambda x: ops.cross_entropy(x, t, weight, **kw),
              lambda x: reference.cross_entropy(x, t, weight, **kw), [x], dtype, peer=peer)
 

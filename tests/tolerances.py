@@ -4,7 +4,8 @@ import torch
 
 from fastnets.reference.tolerances import TOLERANCES, Tol  # noqa: F401
 
-# What the Triton interpreter computes correctly on CPU: all four for pointwise and
-# reduction kernels (norms, activations). Matmul-shaped kernels exclude bfloat16 on CPU
-# (interpreter tl.dot on bf16 is wrong); see ARCHITECTURE.md.
-POINTWISE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Every kernel is tested in these dtypes on CPU too: the interpreter's bf16 tl.dot is fixed
+# by kernels._common.fix_interpreter_bf16_dot (bf16 operands upcast to float32 before the
+# dot, what a bf16 tensor-core dot computes), so matmul-shaped kernels run bf16 like the rest.
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+POINTWISE_DTYPES = DTYPES
