@@ -22,7 +22,8 @@ def _rope_kernel(
     X, Y, COS, SIN, POS,            # x / y (B, H, S, D) strided; cos / sin see module docstring; POS (B, S) int64
     sxb, sxh, sxs, syb, syh, sys,   # strides of x and y (unit stride on D)
     scb, scs, spb, sps,             # cos/sin batch and row strides (batch 0 for a table); position_ids strides
-    H, S, D, R_HALF, offset,        # R_HALF = rotary dims / 2; offset = seqlen_offset (tables without POS)
+    H, S, D, R_HALF, offset, P,     # R_HALF = rotary dims / 2; offset = seqlen_offset (tables without POS);
+                                    # P = table positions (a position outside [0, P) reads nothing: NaN rows)
     CONJ: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_POS: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -37,11 +38,18 @@ def _rope_kernel(
     mask = s_ok[:, None] & r_ok[None, :]
     if HAS_POS:
         rows = tl.load(POS + b * spb + s * sps, mask=s_ok, other=0)
+        # position_ids come from the user: checked on the host for CPU tensors, but checking a
+        # CUDA tensor would cost a device-to-host sync per call. An out-of-range position reads
+        # no memory and gives a NaN row instead (as cross-entropy does with a bad class).
+        pos_ok = (rows >= 0) & (rows < P)
+        rows = tl.where(pos_ok, rows, 0)
     else:
         rows = (s + offset).to(tl.int64)
     c_off = b * scb + rows[:, None] * scs + r[None, :]
     cos = tl.load(COS + c_off, mask=mask, other=1.0).to(tl.float32)
     sin = tl.load(SIN + c_off, mask=mask, other=0.0).to(tl.float32)
+    if HAS_POS:
+        cos = tl.where(pos_ok[:, None], cos, float("nan"))
     if X.dtype.element_ty == tl.float64:
         cos = cos.to(tl.float64)
         sin = sin.to(tl.float64)
@@ -88,7 +96,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: to
     block_s = max(1, min(next_pow2(S), (1024 if gpu else 8192) // next_pow2(r_half)))
     _rope_kernel[(triton.cdiv(S, block_s), B * H)](
         x, y, cos, sin, pos, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
-        scb, scs, spb, sps, H, S, D, r_half, seqlen_offset,
+        scb, scs, spb, sps, H, S, D, r_half, seqlen_offset, cos.shape[0] if cos.dim() == 2 else S,
         CONJ=conj, INTERLEAVED=interleaved, HAS_POS=position_ids is not None,
         BLOCK_S=block_s, BLOCK_R=next_pow2(r_half), BLOCK_P=next_pow2(rest) if rest > 0 else 0,
         num_warps=4)

@@ -169,3 +169,33 @@ def test_loss_backends_and_errors():
         ops.linear_cross_entropy(x, torch.randn(6, 4, device=DEVICE), t)
     with pytest.raises(ValueError, match="chunk_size"):
         ops.linear_cross_entropy(x, torch.randn(7, 6, device=DEVICE), t, chunk_size=0)
+
+
+# --- full float64 gradcheck (not fast mode) -------------------------------------------------------------
+# The cross-entropy kernels compute in float32 whatever the logits dtype (documented), so the
+# float64 finite differences use eps=1e-3 (float32 rounding of the loss, ~1e-7, over 1e-3)
+# and atol/rtol 2e-3: a full Jacobian check, loose only by float32's resolution.
+GRADCHECK_F32_MATH = dict(fast_mode=False, eps=1e-3, atol=2e-3, rtol=2e-3)
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_gradcheck_float64_full(reduction):
+    x = torch.randn(5, 7, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 6, -100, 3, 3], device=DEVICE)
+    w = torch.rand(7, device=DEVICE, dtype=torch.float64) + 0.5
+    with expect_backend("cross_entropy"):
+        assert torch.autograd.gradcheck(
+            lambda x: ops.cross_entropy(x, t, w, reduction=reduction, label_smoothing=0.1, z_loss=1e-2), (x,),
+            **GRADCHECK_F32_MATH)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_cross_entropy_gradcheck_float64_full(reduction):
+    """input, weight and bias, over several token chunks (dW / dbias summed across them)."""
+    x = torch.randn(6, 8, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(11, 8, device=DEVICE, dtype=torch.float64) / 3).requires_grad_(True)
+    b = torch.randn(11, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([1, 10, -100, 0, 5, 5], device=DEVICE)
+    with expect_backend("linear_cross_entropy"):
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: ops.linear_cross_entropy(x, w, t, b, reduction=reduction, label_smoothing=0.05,
+                                                     z_loss=1e-3, chunk_size=4), (x, w, b), **GRADCHECK_F32_MATH)

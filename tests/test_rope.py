@@ -66,3 +66,36 @@ def test_rope_errors():
         ops.apply_rotary_emb(x, cos, sin, position_ids=torch.zeros(3, 8, dtype=torch.int64))
     with pytest.raises(ValueError, match="4-D"):
         ops.apply_rotary_emb(x[0], cos, sin)
+
+
+def test_rope_position_ids_out_of_table():
+    """CPU: a position outside the table raises. The kernel (what a CUDA tensor gets, with no
+    host sync) reads nothing outside the table and makes that row NaN; the others are exact."""
+    cos, sin = reference.rope_cos_sin(8, 16, device=DEVICE)
+    x = torch.randn(2, 2, 5, 16, device=DEVICE)
+    for bad in (8, -1, 1000):
+        pos = torch.tensor([0, 1, bad, 3, 4], device=DEVICE)
+        with pytest.raises(ValueError, match="outside the cos/sin table"):
+            ops.apply_rotary_emb(x, cos, sin, position_ids=pos)
+        from fastnets.kernels import rope as rope_kernels
+        y = rope_kernels.rope(x, cos, sin, pos.expand(2, 5), 0, False, False)
+        assert torch.isnan(y[:, :, 2, :16]).all()
+        good = [0, 1, 3, 4]
+        want = reference.apply_rotary_emb(x, cos, sin, position_ids=pos.clamp(0, 7))
+        torch.testing.assert_close(y[:, :, good], want[:, :, good])
+    with pytest.raises(ValueError, match="position_ids is on"):
+        ops.apply_rotary_emb(x, cos, sin, position_ids=torch.arange(5, device="meta"))
+    with pytest.raises(TypeError, match="position_ids must be a torch.Tensor"):
+        ops.apply_rotary_emb(x, cos, sin, position_ids=[0, 1, 2, 3, 4])
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_gradcheck_float64_full(interleaved):
+    """Full (not fast-mode) float64 gradcheck of the kernel's backward, partial rotary,
+    position_ids."""
+    cos, sin = reference.rope_cos_sin(12, 12, device=DEVICE, dtype=torch.float64)
+    x = torch.randn(1, 2, 5, 16, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    pos = torch.tensor([3, 0, 11, 5, 5], device=DEVICE)
+    with expect_backend("apply_rotary_emb"):
+        assert torch.autograd.gradcheck(lambda x: ops.apply_rotary_emb(x, cos, sin, interleaved, position_ids=pos),
+                                        (x,), fast_mode=False)

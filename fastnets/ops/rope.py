@@ -64,6 +64,8 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     ``seqlen_offset + s`` or by ``position_ids`` ((B, S) or (S,) ints: KV-cache decoding,
     packed or left-padded batches); or per-token values of shape (B, S, R/2). R <= D; dims
     past R pass through unchanged. cos/sin are constants (no gradient).
+    A position outside the table raises for CPU tensors; on CUDA (no host sync per call) its
+    row comes out NaN and no memory outside the table is read.
     interleaved: rotate pairs (2i, 2i+1) (GPT-J) instead of (i, i + R/2) (GPT-NeoX / Llama).
     Returns a tensor in x's layout. Backward: x.
     """
@@ -89,9 +91,20 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     if position_ids is not None:
         if cos.dim() != 2:
             raise ValueError(f"{op}: position_ids index a (positions, R/2) table; per-token cos/sin take none")
+        if not isinstance(position_ids, torch.Tensor):
+            raise TypeError(f"{op}: position_ids must be a torch.Tensor, got {type(position_ids).__name__}")
         if position_ids.dtype not in (torch.int32, torch.int64) or position_ids.shape not in ((B, S), (S,), (1, S)):
             raise ValueError(f"{op}: position_ids must be int of shape ({B}, {S}) or ({S},), got "
                              f"{position_ids.dtype} {tuple(position_ids.shape)}")
+        if position_ids.device != x.device:
+            raise ValueError(f"{op}: position_ids is on {position_ids.device} but x is on {x.device}")
+        # CPU: checked here (no sync to pay). CUDA: no host sync per step; the kernel reads
+        # nothing outside the table and makes such rows NaN.
+        if position_ids.device.type == "cpu" and position_ids.numel() and not torch.compiler.is_compiling():
+            lo, hi = int(position_ids.min()), int(position_ids.max())
+            if lo < 0 or hi >= cos.shape[0]:
+                raise ValueError(f"{op}: position_ids hold {lo if lo < 0 else hi}, outside the cos/sin table's "
+                                 f"{cos.shape[0]} positions")
     elif cos.dim() == 2 and seqlen_offset + S > cos.shape[0]:
         raise ValueError(f"{op}: the cos/sin table has {cos.shape[0]} positions but positions up to "
                          f"{seqlen_offset + S - 1} are needed")
