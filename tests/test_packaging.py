@@ -42,3 +42,62 @@ def test_binding_compiles_against_torch_headers():
     out = subprocess.run(["c++", "-fsyntax-only", "-std=c++20", "-DTORCH_EXTENSION_NAME=_C", *includes,
                           str(ROOT / "csrc" / "fastnets.cpp")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def _load_setup():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("fastnets_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)   # defines the helpers; setup() runs only as __main__
+    return module
+
+
+def test_default_arch_list_without_a_visible_gpu(monkeypatch):
+    setup_py = _load_setup()
+
+    class FakeCuda:
+        @staticmethod
+        def is_available():
+            return False
+
+        @staticmethod
+        def device_count():
+            return 0
+
+    class FakeTorch:
+        cuda = FakeCuda
+
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    setup_py._default_arch_list(FakeTorch)
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == setup_py.DEFAULT_ARCH_LIST == "8.0;9.0+PTX"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
+    setup_py._default_arch_list(FakeTorch)
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0a"   # the user's choice wins
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA toolkit (nvcc) on this machine")
+def test_install_with_cuda_torch_and_no_gpu_never_fails(tmp_path):
+    """A CUDA build of torch, nvcc present, no GPU visible, and the extension build failing
+    (here: torch's arch-flag step raising, as it does on an empty arch list): the wheel still
+    builds, without fastnets._C, and says why in one line. The CPU torch here is made to look
+    like a CUDA build by a sitecustomize in the build's environment."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import torch, torch.utils.cpp_extension as ce\n"
+        "torch.version.cuda = '12.8'\n"
+        "torch.cuda.is_available = lambda: False\n"
+        "ce.CUDA_HOME = ce.CUDA_HOME or '/usr/local/cuda'\n"
+        "def _no_arch(*a, **k):\n"
+        "    raise RuntimeError('Error in _get_cuda_arch_flags: empty arch list')\n"
+        "ce._get_cuda_arch_flags = _no_arch\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    env.pop("TORCH_CUDA_ARCH_LIST", None)
+    env.pop("FASTNETS_BUILD_EXT", None)
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "-w",
+                          str(tmp_path), str(ROOT)], capture_output=True, text=True, env=env)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    assert "CUDA extension skipped (build failed: RuntimeError" in log, log[-4000:]
+    wheel = next(tmp_path.glob("fastnets-*.whl"))
+    assert not any(n.startswith("fastnets/_C") for n in zipfile.ZipFile(wheel).namelist())
