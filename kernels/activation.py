@@ -236,7 +236,7 @@ def bias_act_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, a
                         triton.cdiv(M, block_m)))
     rows_per = triton.cdiv(triton.cdiv(M, groups), block_m) * block_m
     groups = triton.cdiv(M, rows_per)
-    part = (torch.empty((groups, C_in), dtype=acc_torch_dtype(x.dtype), device=x.device)
+    part = (_common.empty((groups, C_in), dtype=acc_torch_dtype(x.dtype), device=x.device)   # partial sums: poisoned too
             if bias is not None else x)
     _act_bwd_kernel[(col_tiles, groups)](
         x, bias if bias is not None else x, dy, dx, part, M, C, rows_per, float(slope),

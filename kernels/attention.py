@@ -839,7 +839,7 @@ def flash_attn_bwd(do, q, k, v, o, lse, attn_mask, alibi_slopes, cu_q, cu_k, max
         return dq, dk, dv, dmask
     if do.stride(-1) != 1:
         do = do.contiguous()
-    delta = torch.empty_like(lse)
+    delta = empty(lse.shape, dtype=lse.dtype, device=lse.device)   # poisoned like every output
     dummy = delta
     lse_strides = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
     BLOCK_D, BLOCK_DV = max(16, next_pow2(D)), max(16, next_pow2(DV))

@@ -293,8 +293,8 @@ def row_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
         programs = persistent_programs(x.device, triton.cdiv(M, block_m))
         rows_per = triton.cdiv(triton.cdiv(M, programs), block_m) * block_m
         programs = triton.cdiv(M, rows_per)
-        dw_part = torch.empty((programs, N) if has_w else (0,), dtype=p_dtype, device=x.device)
-        db_part = torch.empty((programs, N) if has_bias else (0,), dtype=p_dtype, device=x.device)
+        dw_part = empty((programs, N) if has_w else (0,), dtype=p_dtype, device=x.device)
+        db_part = empty((programs, N) if has_bias else (0,), dtype=p_dtype, device=x.device)
         _row_norm_bwd_fused_kernel[(programs,)](
             x, weight if has_w else x, dy, dx, mean_arg, rstd, dw_part if has_w else rstd,
             db_part if has_bias else rstd, x.stride(0), dy.stride(0), dx.stride(0), M, N, rows_per, float(offset),
@@ -310,8 +310,8 @@ def row_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
         groups = max(1, min(persistent_programs(x.device, M * col_tiles) // col_tiles, M))
         rows_per = triton.cdiv(M, groups)
         groups = triton.cdiv(M, rows_per)
-        dw_part = torch.empty((groups, N) if has_w else (0,), dtype=p_dtype, device=x.device)
-        db_part = torch.empty((groups, N) if has_bias else (0,), dtype=p_dtype, device=x.device)
+        dw_part = empty((groups, N) if has_w else (0,), dtype=p_dtype, device=x.device)
+        db_part = empty((groups, N) if has_bias else (0,), dtype=p_dtype, device=x.device)
         _row_norm_bwd_dwdb_kernel[(col_tiles, groups)](
             x, dy, mean_arg, rstd, dw_part if has_w else rstd, db_part if has_bias else rstd,
             x.stride(0), dy.stride(0), M, N, rows_per,

@@ -25,6 +25,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+# FASTNETS_TEST_SEED: run the suite with another seed before relying on a tolerance (a bound
+# that holds for one draw of the inputs only is a flaky test on another machine).
+SEED = int(os.environ.get("FASTNETS_TEST_SEED", "0"))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
-    torch.manual_seed(0)
+    torch.manual_seed(SEED)

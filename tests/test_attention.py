@@ -385,3 +385,41 @@ def test_gpu_bf16_long(causal):
              lambda q, k, v: reference.attention(q, k, v, causal=causal), [q, k, v], torch.bfloat16,
              peer=lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
     assert math.isfinite(q.float().sum().item())
+
+
+# --- property test: random legal shapes, strides, masks, GQA, causal ------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), dtype=st.sampled_from(DTYPES), causal=st.booleans(), bshd=st.booleans(),
+       mask_kind=st.sampled_from([None, "bool", "float"]))
+def test_sdpa_property(data, dtype, causal, bshd, mask_kind):
+    hk = data.draw(st.integers(1, 2))
+    hq = hk * data.draw(st.integers(1, 2))
+    sq, sk = data.draw(st.integers(1, 20)), data.draw(st.integers(1, 20))
+    d = data.draw(st.sampled_from([16, 24, 32, 40, 64]))
+    b = data.draw(st.integers(1, 2))
+    if bshd:   # (B, S, H, D) storage seen as (B, H, S, D): the kernels take any head / seq strides
+        q = torch.randn(b, sq, hq, d, device=DEVICE).to(dtype).transpose(1, 2)
+        k = torch.randn(b, sk, hk, d, device=DEVICE).to(dtype).transpose(1, 2)
+        v = torch.randn(b, sk, hk, d, device=DEVICE).to(dtype).transpose(1, 2)
+    else:
+        q, k, v = _qkv(b, hq, hk, sq, sk, d, dtype)
+    mask = None
+    if mask_kind is not None and not causal:
+        keep = torch.rand(b, 1, sq, sk, device=DEVICE) > 0.3
+        keep[..., 0] = True   # every query keeps a key (a fully masked row is 0 here, NaN in torch)
+        mask = keep if mask_kind == "bool" else torch.randn(b, 1, sq, sk, device=DEVICE).to(dtype).masked_fill(
+            ~keep, float("-inf"))
+    gqa = hq != hk
+    check_op("scaled_dot_product_attention",
+             lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, enable_gqa=gqa),
+             lambda q, k, v: reference.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, enable_gqa=gqa),
+             [q, k, v], dtype,
+             peer=lambda q, k, v: F.scaled_dot_product_attention(
+                 q, k, v, None if mask is None else (mask if mask.dtype == torch.bool else mask.to(q.dtype)),
+                 is_causal=causal, enable_gqa=gqa),
+             min_scale=1.0 if sk == 1 else 1e-3, grad_args=(0, 1, 2))

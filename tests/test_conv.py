@@ -238,3 +238,40 @@ def test_conv2d_frozen_weight_no_bias():
     xt = x.detach().clone().requires_grad_()
     (gt,) = torch.autograd.grad(F.conv2d(xt, w, None, padding=1).sum(), [xt])
     assert_close(gx, gr, torch.float32, "conv2d input gradient", baseline=gt)
+
+
+# --- property test: random legal geometry, groups, layouts, epilogues ----------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), dtype=st.sampled_from(DTYPES), channels_last=st.booleans(),
+       activation=st.sampled_from(["identity", "relu", "gelu", "silu"]))
+def test_conv2d_property(data, dtype, channels_last, activation):
+    groups = data.draw(st.integers(1, 3))
+    c_in, c_out = groups * data.draw(st.integers(1, 3)), groups * data.draw(st.integers(1, 3))
+    k = (data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4)))
+    stride = (data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3)))
+    dil = (data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2)))
+    pad = (data.draw(st.integers(0, 2)), data.draw(st.integers(0, 2)))
+    h = data.draw(st.integers(max(1, dil[0] * (k[0] - 1) + 1 - 2 * pad[0]), 11))
+    w = data.draw(st.integers(max(1, dil[1] * (k[1] - 1) + 1 - 2 * pad[1]), 11))
+    x = torch.randn(data.draw(st.integers(1, 2)), c_in, h, w, device=DEVICE).to(dtype)
+    wt = (torch.randn(c_out, c_in // groups, *k, device=DEVICE) / (c_in * k[0] * k[1] / groups) ** 0.5).to(dtype)
+    b = torch.randn(c_out, device=DEVICE).to(dtype) if data.draw(st.booleans()) else None
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    kw = dict(stride=stride, padding=pad, dilation=dil, groups=groups)
+
+    def torch_conv(x, w, b=None):
+        return _torch_act(activation, F.conv2d(x, w, b, **kw))
+
+    args = [x, wt] + ([b] if b is not None else [])
+    check_op("conv2d", lambda *a: ops.conv2d(*a, **kw, activation=activation),
+             lambda *a: reference.conv2d(*a, **kw, activation=activation), args, dtype, peer=torch_conv)
+
+
+def _torch_act(name, z):
+    return {"identity": lambda t: t, "relu": F.relu, "gelu": F.gelu, "silu": F.silu}[name](z)

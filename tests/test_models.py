@@ -58,7 +58,11 @@ def test_resnet18_train_step_matches_reference():
     ref(x).backward(g.float())
     named_ref = dict(ref.named_parameters())
     for name, p in ref64.named_parameters():
-        if name in ("layer4.1.bn2.weight", "fc.weight"):   # near the loss: well conditioned in float32
+        # fc.weight: straight from the logits, well conditioned in float32. Everything behind a
+        # training-mode BatchNorm over a 1x1 map at batch 2 (layer4) is ill-conditioned there:
+        # torch's own float32 error moves with the CPU's kernels, so those are judged in
+        # float64 below, through the same kernels.
+        if name == "fc.weight":
             assert_close(dict(ours.named_parameters())[name].grad, p.grad, torch.float32, f"grad {name}",
                          baseline=named_ref[name].grad)
     # running statistics updated as torch updates them
@@ -74,7 +78,7 @@ def test_resnet18_train_step_matches_reference():
     out64.backward(g)
     ref64b(x.double()).backward(g)
     named64 = dict(ref64b.named_parameters())
-    for name in ("conv1.weight", "layer1.0.conv1.weight", "layer2.0.downsample.0.weight"):
+    for name in ("conv1.weight", "layer1.0.conv1.weight", "layer2.0.downsample.0.weight", "layer4.1.bn2.weight"):
         assert_close(dict(ours64.named_parameters())[name].grad, named64[name].grad, torch.float64,
                      f"float64 grad {name}", tensor_scale=True)
 

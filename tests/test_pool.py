@@ -96,3 +96,33 @@ def test_pool_gradcheck_float64():
 def test_pool_bad_input(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call(torch.randn(2, 3, 6, 6, device=DEVICE))
+
+
+# --- property test: random legal geometry, layouts and options --------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), is_max=st.booleans(), channels_last=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+def test_pool_property(data, is_max, channels_last, dtype):
+    k = (data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4)))
+    s = (data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3)))
+    p = (data.draw(st.integers(0, k[0] // 2)), data.draw(st.integers(0, k[1] // 2)))
+    d = (data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2))) if is_max else (1, 1)
+    ceil = data.draw(st.booleans())
+    h = data.draw(st.integers(d[0] * (k[0] - 1) + 1, 12))
+    w = data.draw(st.integers(d[1] * (k[1] - 1) + 1, 12))
+    x = torch.randn(data.draw(st.integers(1, 2)), data.draw(st.integers(1, 5)), h, w, device=DEVICE).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if is_max:
+        args = (k, s, p, d, ceil)
+        name = "max_pool2d"
+    else:
+        args = (k, s, p, ceil, data.draw(st.booleans()))
+        name = "avg_pool2d"
+    check_op(name, lambda x: getattr(ops, name)(x, *args), lambda x: getattr(reference, name)(x, *args), [x], dtype,
+             peer=lambda x: getattr(F, name)(x, *args))
