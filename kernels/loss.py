@@ -7,7 +7,7 @@ exp and, for label smoothing, the (class-weighted) sum of the logits. The loss p
 with W = sum_c w[c] (w = 1 without class weights), and 0 on ignored rows. Pass 2 (when a
 gradient is wanted) writes, scaled by that row's upstream gradient g,
     dx[c] = g * ((1 - eps) w[t] (p[c] - [c == t]) + eps / V (W p[c] - w[c]) + 2 z lse p[c])
-where p = softmax(x). All arithmetic is float32 whatever the logits dtype; dx may overwrite
+where p = softmax(x). All arithmetic is float32 whatever the logits dtype (float64 for float64); dx may overwrite
 the logits in place (each program reads a chunk before writing it), which is how the fused
 linear + cross-entropy keeps one chunk of logits alive at a time.
 """
@@ -28,6 +28,8 @@ def _cross_entropy_kernel(
     HAS_WEIGHT: tl.constexpr, LSE_GIVEN: tl.constexpr, WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
+    # float32 math (float64 for float64 logits, so float64 gradcheck is exact).
+    ACC: tl.constexpr = tl.float64 if LOGITS.dtype.element_ty == tl.float64 else tl.float32
     row = tl.program_id(0).to(tl.int64)
     base = LOGITS + row * stride_l
     t = tl.load(TARGET + row).to(tl.int64)
@@ -39,44 +41,44 @@ def _cross_entropy_kernel(
     bad = (t_ok == 0) & (ignored == 0)   # (bool tensors: no `not` in Triton)
     cols0 = tl.arange(0, BLOCK_V)
     w_sum = tl.load(WSUM) if HAS_WEIGHT else V * 1.0
-    w_t = tl.load(WEIGHT + t, mask=t_ok, other=0.0).to(tl.float32) if HAS_WEIGHT else 1.0
+    w_t = tl.load(WEIGHT + t, mask=t_ok, other=0.0).to(ACC) if HAS_WEIGHT else 1.0
     if LSE_GIVEN:
         lse = tl.load(LSE + row)
     else:
-        m = tl.full((), float("-inf"), tl.float32)
-        s = tl.zeros((), tl.float32)
-        sum_x = tl.zeros((), tl.float32)
+        m = tl.full((), float("-inf"), ACC)
+        s = tl.zeros((), ACC)
+        sum_x = tl.zeros((), ACC)
         for start in range(0, V, BLOCK_V):
             cols = start + cols0
             ok = cols < V
-            x = tl.load(base + cols, mask=ok, other=float("-inf")).to(tl.float32)
+            x = tl.load(base + cols, mask=ok, other=float("-inf")).to(ACC)
             m_new = tl.maximum(m, tl.max(x, 0))
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
             m = m_new
             if HAS_WEIGHT:
-                w = tl.load(WEIGHT + cols, mask=ok, other=0.0).to(tl.float32)
+                w = tl.load(WEIGHT + cols, mask=ok, other=0.0).to(ACC)
                 sum_x += tl.sum(tl.where(ok, x, 0.0) * w, 0)
             else:
                 sum_x += tl.sum(tl.where(ok, x, 0.0), 0)
         lse = m + tl.log(s)
         if WRITE_LOSS:
-            x_t = tl.load(base + t, mask=t_ok, other=0.0).to(tl.float32)
+            x_t = tl.load(base + t, mask=t_ok, other=0.0).to(ACC)
             loss = (1.0 - eps) * w_t * (lse - x_t) + eps / V * (w_sum * lse - sum_x) + z_loss * lse * lse
             loss = tl.where(bad, float("nan"), loss)
             tl.store(LOSS + row, tl.where(ignored, 0.0, loss))
             tl.store(LSE + row, lse)
     if WRITE_GRAD:
-        g = tl.load(GRAD + row * stride_g).to(tl.float32)
+        g = tl.load(GRAD + row * stride_g).to(ACC)
         g = tl.where(ignored, 0.0, tl.where(bad, float("nan"), g))
         coef_p = (1.0 - eps) * w_t + eps / V * w_sum + 2.0 * z_loss * lse
         out = DLOGITS + row * stride_d
         for start in range(0, V, BLOCK_V):
             cols = start + cols0
             ok = cols < V
-            x = tl.load(base + cols, mask=ok, other=0.0).to(tl.float32)
+            x = tl.load(base + cols, mask=ok, other=0.0).to(ACC)
             d = coef_p * tl.exp(x - lse)
             if HAS_WEIGHT:
-                d -= eps / V * tl.load(WEIGHT + cols, mask=ok, other=0.0).to(tl.float32)
+                d -= eps / V * tl.load(WEIGHT + cols, mask=ok, other=0.0).to(ACC)
             else:
                 d -= eps / V
             d = tl.where(cols == t, d - (1.0 - eps) * w_t, d)
@@ -107,10 +109,11 @@ def _launch(logits, target, weight, wsum, loss, lse, dlogits, grad, stride_g, ig
 
 
 def cross_entropy_fwd(logits, target, weight, wsum, ignore_index: int, eps: float, z_loss: float):
-    """(loss per row, lse per row), both float32. logits (N, V) with unit column stride."""
+    """(loss per row, lse per row), both float32 (float64 for float64 logits). logits (N, V)
+    with unit column stride."""
     N = logits.shape[0]
-    loss = empty((N,), dtype=torch.float32, device=logits.device)
-    lse = empty((N,), dtype=torch.float32, device=logits.device)
+    loss = empty((N,), dtype=_common.acc_torch_dtype(logits.dtype), device=logits.device)
+    lse = empty((N,), dtype=_common.acc_torch_dtype(logits.dtype), device=logits.device)
     _launch(logits, target, weight, wsum, loss, lse, None, None, 0, ignore_index, eps, z_loss, False, True, False)
     return loss, lse
 
@@ -127,8 +130,8 @@ def cross_entropy_fwd_grad_(logits, target, weight, wsum, grad_scale, ignore_ind
     """Loss per row and, in place of the logits, their gradient times grad_scale (a 1-element
     float32 tensor): the fused linear + cross-entropy's per-chunk step."""
     N = logits.shape[0]
-    loss = empty((N,), dtype=torch.float32, device=logits.device)
-    lse = empty((N,), dtype=torch.float32, device=logits.device)
+    loss = empty((N,), dtype=_common.acc_torch_dtype(logits.dtype), device=logits.device)
+    lse = empty((N,), dtype=_common.acc_torch_dtype(logits.dtype), device=logits.device)
     _launch(logits, target, weight, wsum, loss, lse, logits, grad_scale, 0, ignore_index, eps, z_loss,
             False, True, True)
     return loss, lse

@@ -27,7 +27,7 @@ def _pair(cfg, auto=transformers.AutoModelForCausalLM):
     return ref, fast
 
 
-def _check(ref, fast, inputs, grads=("model.layers.0.self_attn.q_proj.weight",)):
+def _check(ref, fast, inputs):
     with expect_backend("flash_attention"):
         out = fast(**inputs)
     want = ref(**inputs)
@@ -37,9 +37,9 @@ def _check(ref, fast, inputs, grads=("model.layers.0.self_attn.q_proj.weight",))
         _close(out.loss, want.loss, "loss")
         out.loss.backward()
         want.loss.backward()
-        params, ref_params = dict(fast.named_parameters()), dict(ref.named_parameters())
-        for name in grads:
-            _close(params[name].grad, ref_params[name].grad, f"grad {name}")
+        ref_params = dict(ref.named_parameters())
+        for name, p in fast.named_parameters():   # every parameter, not a sample
+            _close(p.grad, ref_params[name].grad, f"grad {name}")
 
 
 def test_gpt2_attn_implementation():
@@ -47,7 +47,7 @@ def test_gpt2_attn_implementation():
                                   embd_pdrop=0.0, attn_pdrop=0.0)
     ref, fast = _pair(cfg)
     ids = torch.randint(0, 101, (2, 13), device=DEVICE)
-    _check(ref, fast, dict(input_ids=ids, labels=ids), grads=("transformer.h.0.attn.c_attn.weight",))
+    _check(ref, fast, dict(input_ids=ids, labels=ids))
 
 
 def test_llama_gqa_with_padding_and_apply_fastnets():
@@ -64,9 +64,7 @@ def test_llama_gqa_with_padding_and_apply_fastnets():
     # (fastnets: zeros, eager: a uniform average), so that prediction is left out.
     labels[1, 3] = -100
     with expect_backend("rms_norm"), expect_backend("bias_act"), expect_backend("cross_entropy"):
-        _check(ref, fast, dict(input_ids=ids, attention_mask=mask, labels=labels),
-               grads=("model.layers.0.self_attn.k_proj.weight", "model.layers.1.mlp.gate_proj.weight",
-                      "model.norm.weight"))
+        _check(ref, fast, dict(input_ids=ids, attention_mask=mask, labels=labels))
     # Generation with a KV cache (decode kernels) agrees with eager attention.
     prompt = ids[:1, :6]
     a = fast.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
@@ -87,5 +85,4 @@ def test_bert_masked_lm_apply_fastnets():
     labels = torch.full_like(ids, -100)
     labels[:, 3:6] = ids[:, 3:6]
     with expect_backend("layer_norm"):
-        _check(ref, fast, dict(input_ids=ids, attention_mask=mask, labels=labels),
-               grads=("bert.encoder.layer.0.attention.self.query.weight",))
+        _check(ref, fast, dict(input_ids=ids, attention_mask=mask, labels=labels))

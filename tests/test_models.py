@@ -89,7 +89,7 @@ def test_resnet50_forward_channels_last():
     ours.load_state_dict(ref.state_dict())
     ours.eval()
     x = _x(1, 32).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
+    with torch.no_grad(), expect_backend("conv2d"), expect_backend("max_pool2d"):
         assert_close(ours(x), copy.deepcopy(ref).double()(x.double()), torch.float32, "resnet50 logits",
                      baseline=ref(x))
 
@@ -105,7 +105,7 @@ def test_vgg_layout_and_forward(batch_norm):
     model.train()
     assert model(x).shape == (2, 7)
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), expect_backend("conv2d"), expect_backend("max_pool2d"):
         out = model(x)
     with torch.no_grad(), fastnets.backend("torch"):
         torch_out = model(x)     # torch's float32 (TF32 convolutions on CUDA, as ours)
@@ -121,7 +121,8 @@ def test_simple_cnn_trains():
     x[y == 2, :, 4:] += 2.0
     losses = []
     for _ in range(6):
-        loss = nn.functional.cross_entropy(model(x), y)
+        with expect_backend("conv2d"), expect_backend("batch_norm"):
+            loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -173,7 +174,7 @@ def test_fuse_conv_bn_permanent():
     fastnets.fuse_conv_bn(ours)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in ours.modules())
     x = _x(1, 32)
-    with torch.no_grad():
+    with torch.no_grad(), expect_backend("conv2d"):
         assert_close(ours(x), copy.deepcopy(ref).double()(x.double()), torch.float32, "folded logits",
                      baseline=ref(x))
 

@@ -18,6 +18,29 @@ def _close(a, b, what, tol=2e-4):
     assert err <= tol * max(1.0, scale), f"{what}: max abs err {err:.3g} (scale {scale:.3g})"
 
 
+def _eager(model):
+    """transformers' eager attention is the reference (not its SDPA path)."""
+    model.set_attn_implementation("eager")
+    return model
+
+
+def _all_grads(ours, theirs, what, transpose=(), aliases=None):
+    """Every parameter gradient of `ours` against the same-named one of `theirs` (aliases: one
+    of ours against the sum over theirs' distinct parameters of those names, e.g. an embedding
+    that transformers keeps as separate copies)."""
+    named = dict(theirs.named_parameters(remove_duplicate=False))
+    checked = 0
+    for name, p in ours.named_parameters():
+        copies = {id(named[n]): named[n] for n in (aliases or {}).get(name, [name]) if n in named}
+        grads = [c.grad for c in copies.values() if c.grad is not None]
+        ref = torch.stack(grads).sum(0) if grads else None
+        ref = ref.t() if ref is not None and name.endswith(transpose) else ref
+        _close(p.grad if p.grad is not None else torch.zeros_like(p), ref if ref is not None else torch.zeros_like(p),
+               f"{what} grad {name}")
+        checked += 1
+    assert checked == len(list(ours.parameters()))
+
+
 def _gpt_pair():
     torch.manual_seed(0)
     cfg = models.GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=64)
@@ -25,7 +48,7 @@ def _gpt_pair():
     hf_cfg = transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=64, n_layer=2, n_head=4,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                      activation_function="gelu_new", layer_norm_epsilon=1e-5)
-    hf = transformers.GPT2LMHeadModel(hf_cfg).to(DEVICE)
+    hf = _eager(transformers.GPT2LMHeadModel(hf_cfg).to(DEVICE))
     missing, unexpected = hf.load_state_dict(to_hf_gpt2_state_dict(ours.state_dict()), strict=False)
     assert not unexpected and all(k.endswith((".attn.bias", ".attn.masked_bias")) for k in missing), (missing,
                                                                                                         unexpected)
@@ -45,11 +68,8 @@ def test_gpt_matches_hf_gpt2_logits_loss_and_grads():
     _close(loss, ref_loss, "loss")
     loss.backward()
     ref_loss.backward()
-    for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight", "transformer.wte.weight",
-                 "transformer.wpe.weight"):
-        mine = dict(ours.named_parameters())[name].grad
-        theirs = dict(hf.named_parameters())[name].grad
-        _close(mine, theirs.t() if name.endswith("c_fc.weight") or "c_attn" in name else theirs, f"grad {name}")
+    # GPT-2's Conv1D weights are stored (in, out); ours are nn.Linear's (out, in).
+    _all_grads(ours, hf, "gpt", transpose=(".c_attn.weight", ".c_proj.weight", ".c_fc.weight"))
     # And the converter in the loading direction.
     back = from_hf_gpt2_state_dict(hf.state_dict())
     for k, v in ours.state_dict().items():
@@ -61,7 +81,8 @@ def test_gpt_generate_with_kv_cache():
     whole sequence, and the same as transformers' greedy generate."""
     ours, hf = _gpt_pair()
     prompt = torch.randint(0, 97, (2, 5), device=DEVICE)
-    with_cache = ours.generate(prompt, 8, temperature=0.0)
+    with expect_backend("flash_attention"):
+        with_cache = ours.generate(prompt, 8, temperature=0.0)
     without = ours.generate(prompt, 8, temperature=0.0, use_cache=False)
     assert torch.equal(with_cache, without)
     hf_out = hf.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0,
@@ -114,7 +135,7 @@ def test_bert_matches_hf():
     labels = torch.full((3, 17), -100, device=DEVICE)
     labels[:, 2:6] = torch.randint(0, 120, (3, 4), device=DEVICE)
     mlm = models.BertForMaskedLM(cfg).to(DEVICE)
-    hf = transformers.BertForMaskedLM(hf_cfg).to(DEVICE)
+    hf = _eager(transformers.BertForMaskedLM(hf_cfg).to(DEVICE))
     missing, unexpected = hf.load_state_dict(mlm.state_dict(), strict=False)
     assert not unexpected and set(missing) <= {"cls.predictions.bias", "bert.embeddings.position_ids"}, missing
     hf.eval()
@@ -125,17 +146,17 @@ def test_bert_matches_hf():
     _, loss = mlm(ids, mask, labels=labels)
     _close(loss, hf(input_ids=ids, attention_mask=mask, labels=labels).loss, "mlm loss")
     cls = models.BertForSequenceClassification(cfg).to(DEVICE)
-    hf_cls = transformers.BertForSequenceClassification(hf_cfg).to(DEVICE).eval()
+    hf_cls = _eager(transformers.BertForSequenceClassification(hf_cfg).to(DEVICE).eval())
     missing, unexpected = hf_cls.load_state_dict(cls.state_dict(), strict=False)
     assert not unexpected
     y = torch.tensor([0, 2, 1], device=DEVICE)
-    logits, loss = cls(ids, mask, labels=y)
+    with expect_backend("flash_attention"), expect_backend("layer_norm"):
+        logits, loss = cls(ids, mask, labels=y)
     ref = hf_cls(input_ids=ids, attention_mask=mask, labels=y)
     _close(logits, ref.logits, "classification logits")
     loss.backward()
     ref.loss.backward()
-    name = "bert.encoder.layer.0.attention.self.query.weight"
-    _close(dict(cls.named_parameters())[name].grad, dict(hf_cls.named_parameters())[name].grad, "grad " + name)
+    _all_grads(cls, hf_cls, "bert")
 
 
 @pytest.mark.parametrize("ff,tied", [("relu", True), ("gated-gelu", False)])
@@ -147,7 +168,7 @@ def test_t5_matches_hf(ff, tied):
     ours = models.T5ForConditionalGeneration(models.T5Config(**kw)).to(DEVICE)
     hf_cfg = transformers.T5Config(**kw, decoder_start_token_id=0)
     hf_cfg.tie_word_embeddings = tied   # some transformers versions drop the constructor argument
-    hf = transformers.T5ForConditionalGeneration(hf_cfg).to(DEVICE)
+    hf = _eager(transformers.T5ForConditionalGeneration(hf_cfg).to(DEVICE))
     missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
     assert not unexpected and not [k for k in missing if "embed_tokens" not in k], missing
     hf.eval()
@@ -163,10 +184,8 @@ def test_t5_matches_hf(ff, tied):
     _close(logits, ref.logits, "t5 logits")
     loss.backward()
     ref.loss.backward()
-    for name in ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-                 "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-                 "decoder.block.1.layer.1.EncDecAttention.q.weight"):
-        _close(dict(ours.named_parameters())[name].grad, dict(hf.named_parameters())[name].grad, "grad " + name)
+    _all_grads(ours, hf, "t5", aliases={"shared.weight": ["shared.weight", "encoder.embed_tokens.weight",
+                                                          "decoder.embed_tokens.weight"]})
     out = ours.generate(src, mask, max_new_tokens=6)
     assert torch.equal(out, ours.generate(src, mask, max_new_tokens=6, use_cache=False))
     hf_out = hf.generate(input_ids=src, attention_mask=mask, max_new_tokens=6, do_sample=False)

@@ -2,22 +2,14 @@
 code, and Liger-Kernel where installed. The byte formulas are the minimal traffic."""
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
 from .. import ops
-from .harness import Case
-
-
-def _size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled(fn):
-    return torch.compile(fn)
+from .cnn_cases import bn_pool_cases, conv_cases, resnet50_cases
+from .harness import Case, dtype_size, peers
+from .transformer_cases import (attention_cases, cross_entropy_cases, decode_cases, gpt2_cases,
+                                linear_cross_entropy_cases, rope_cases)
 
 
 def _liger():
@@ -27,13 +19,6 @@ def _liger():
         return LigerLayerNormFunction, LigerRMSNormFunction
     except Exception:  # not installed, or built for another triton
         return None
-
-
-def _peers(torch_fn, device: torch.device) -> dict:
-    peers = {"torch": torch_fn}
-    if device.type == "cuda":
-        peers["torch.compile"] = _compiled(torch_fn)
-    return peers
 
 
 def _torch_layer_norm(x, w, b):
@@ -57,7 +42,7 @@ def norm_cases(device: torch.device, quick: bool) -> list[Case]:
     liger = _liger() if cuda else None
     cases = []
     for dtype in dtypes:
-        es = _size(dtype)
+        es = dtype_size(dtype)
         for n in widths:
             def ln_inputs(dev, n=n, dtype=dtype):
                 mk = lambda *s: torch.randn(*s, device=dev, dtype=dtype, requires_grad=True)  # noqa: E731
@@ -71,12 +56,12 @@ def norm_cases(device: torch.device, quick: bool) -> list[Case]:
             # statistics are under 0.2% at these sizes and left out.
             fwd, bwd = 2 * rows * n * es, 3 * rows * n * es
             impls = {"fastnets": lambda x, w, b: ops.layer_norm(x, (x.shape[-1],), w, b, 1e-5),
-                     **_peers(_torch_layer_norm, device)}
+                     **peers(_torch_layer_norm, device)}
             if liger:
                 impls["liger"] = lambda x, w, b: liger[0].apply(x, w, b, 1e-5)
             cases.append(Case("norm", "layer_norm", f"{rows}x{n}", n, dtype, ln_inputs, impls, fwd, bwd))
             impls = {"fastnets": lambda x, w: ops.rms_norm(x, (x.shape[-1],), w, 1e-6),
-                     **_peers(_torch_rms_norm, device)}
+                     **peers(_torch_rms_norm, device)}
             if liger:
                 impls["liger"] = lambda x, w: liger[1].apply(x, w, 1e-6, 0.0, "llama", False)
             cases.append(Case("norm", "rms_norm", f"{rows}x{n}", n, dtype, rms_inputs, impls, fwd, bwd))
@@ -93,7 +78,7 @@ def norm_cases(device: torch.device, quick: bool) -> list[Case]:
                 numel *= s
             groups = min(32, C)
             impls = {"fastnets": lambda x, w, b, g=groups: ops.group_norm(x, g, w, b, 1e-5, activation="silu"),
-                     **_peers(lambda x, w, b, g=groups: F.silu(F.group_norm(x, g, w, b, 1e-5)), device)}
+                     **peers(lambda x, w, b, g=groups: F.silu(F.group_norm(x, g, w, b, 1e-5)), device)}
             label = "x".join(map(str, shape))
             cases.append(Case("norm", "group_norm_silu", label, numel, dtype, gn_inputs, impls,
                               2 * numel * es, 3 * numel * es))
@@ -110,13 +95,13 @@ def activation_cases(device: torch.device, quick: bool) -> list[Case]:
         dtypes, rows, widths = (torch.float32,), 16, (64, 256)
     cases = []
     for dtype in dtypes:
-        es = _size(dtype)
+        es = dtype_size(dtype)
         for c in widths:
             for act, torch_fn in (("gelu", lambda x, b: F.gelu(x + b)), ("silu", lambda x, b: F.silu(x + b))):
                 def inputs(dev, c=c, dtype=dtype):
                     return (torch.randn(rows, c, device=dev, dtype=dtype, requires_grad=True),
                             torch.randn(c, device=dev, dtype=dtype, requires_grad=True))
-                impls = {"fastnets": lambda x, b, a=act: ops.bias_act(x, b, a), **_peers(torch_fn, device)}
+                impls = {"fastnets": lambda x, b, a=act: ops.bias_act(x, b, a), **peers(torch_fn, device)}
                 # fwd: read x, write y; bwd: read x and dy, write dx (dbias partials are tiny).
                 cases.append(Case("activation", f"bias_act_{act}", f"{rows}x{c}", c, dtype, inputs, impls,
                                   2 * rows * c * es, 3 * rows * c * es))
@@ -130,7 +115,7 @@ def activation_cases(device: torch.device, quick: bool) -> list[Case]:
                 gate, up = (x + b).chunk(2, dim=-1)
                 return F.silu(gate) * up
 
-            impls = {"fastnets": lambda x, b: ops.bias_act(x, b, "swiglu"), **_peers(torch_swiglu, device)}
+            impls = {"fastnets": lambda x, b: ops.bias_act(x, b, "swiglu"), **peers(torch_swiglu, device)}
             # fwd: read (rows, 2h), write (rows, h); bwd: read x and dy, write dx (rows, 2h).
             cases.append(Case("activation", "bias_act_swiglu", f"{rows}x{c}", c, dtype, gated_inputs, impls,
                               (rows * c + rows * h) * es, (2 * rows * c + rows * h) * es))
@@ -151,11 +136,6 @@ def _cuda_impl(act):
         with backend("cuda"):
             return ops.bias_act(x, b, act)
     return fn
-
-
-from .cnn_cases import bn_pool_cases, conv_cases, resnet50_cases  # noqa: E402
-from .transformer_cases import (attention_cases, cross_entropy_cases, decode_cases, gpt2_cases,  # noqa: E402
-                                linear_cross_entropy_cases, rope_cases)
 
 
 def model_cases(device: torch.device, quick: bool) -> list[Case]:

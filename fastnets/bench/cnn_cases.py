@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from .harness import Case
+from .harness import Case, dtype_size, peers
 
 
 def _conv_kernels():
@@ -25,16 +25,6 @@ RESNET50_CONVS = [
 ]
 
 
-def _size(dtype):
-    from .cases import _size as size   # cases.py imports this module at its end
-    return size(dtype)
-
-
-def _peers(torch_fn, device):
-    from .cases import _peers as peers
-    return peers(torch_fn, device)
-
-
 def _cl(t, on):
     return t.contiguous(memory_format=torch.channels_last) if on else t
 
@@ -47,7 +37,7 @@ def conv_cases(device: torch.device, quick: bool) -> list[Case]:
     else:
         batch, dtype, cl = 1, torch.float32, False
         shapes = [(3, 8, 16, 3, 1), (8, 16, 8, 1, 2)]
-    es = _size(dtype)
+    es = dtype_size(dtype)
     cases = []
     for C, K, H, k, s in shapes:
         pad = k // 2
@@ -64,13 +54,13 @@ def conv_cases(device: torch.device, quick: bool) -> list[Case]:
             return x, w, b, r
 
         impls = {"fastnets": lambda x, w, b, r, s=s, p=pad: ops.conv2d(x, w, None, s, p),
-                 **_peers(lambda x, w, b, r, s=s, p=pad: F.conv2d(x, w, None, s, p), device)}
+                 **peers(lambda x, w, b, r, s=s, p=pad: F.conv2d(x, w, None, s, p), device)}
         # bwd = dgrad + wgrad: each as many FLOPs as the forward.
         cases.append(Case("conv", "conv2d", label, flops, dtype, inputs, impls,
                           x_bytes + w_bytes + y_bytes, 2 * (x_bytes + w_bytes + y_bytes), flops_fwd=flops,
                           flops_bwd=2 * flops))
         fused = {"fastnets": lambda x, w, b, r, s=s, p=pad: ops.conv2d(x, w, b, s, p, activation="relu", residual=r),
-                 **_peers(lambda x, w, b, r, s=s, p=pad: F.relu(F.conv2d(x, w, b, s, p) + r), device)}
+                 **peers(lambda x, w, b, r, s=s, p=pad: F.relu(F.conv2d(x, w, b, s, p) + r), device)}
         cases.append(Case("conv", "conv2d_bias_relu_residual", label, flops, dtype, inputs, fused,
                           x_bytes + w_bytes + 2 * y_bytes, 2 * (x_bytes + w_bytes + y_bytes) + y_bytes,
                           flops_fwd=flops, flops_bwd=2 * flops))
@@ -109,7 +99,7 @@ def _conv_transpose_cases(device: torch.device, quick: bool) -> list[Case]:
     batch, dtype, cl = (128, torch.bfloat16, True) if cuda else (1, torch.float32, False)
     shapes = ([(512, 256, 8), (256, 128, 16)] if quick else [(512, 256, 8), (256, 128, 16), (128, 64, 32)]) \
         if cuda else [(8, 4, 4)]
-    es = _size(dtype)
+    es = dtype_size(dtype)
     cases = []
     for C, K, H in shapes:
         P = 2 * H
@@ -122,7 +112,7 @@ def _conv_transpose_cases(device: torch.device, quick: bool) -> list[Case]:
             return x, w, torch.randn(K, device=dev, dtype=dtype, requires_grad=True)
 
         impls = {"fastnets": lambda x, w, b: ops.conv_transpose2d(x, w, b, 2, 1, activation="relu"),
-                 **_peers(lambda x, w, b: F.relu(F.conv_transpose2d(x, w, b, 2, 1)), device)}
+                 **peers(lambda x, w, b: F.relu(F.conv_transpose2d(x, w, b, 2, 1)), device)}
         cases.append(Case("conv", "conv_transpose2d_relu", f"{C}>{K} 4x4/2 @{H}", flops, dtype, inputs, impls,
                           nbytes, 2 * nbytes, flops_fwd=flops, flops_bwd=2 * flops))
     return cases
@@ -136,7 +126,7 @@ def bn_pool_cases(device: torch.device, quick: bool) -> list[Case]:
     else:
         batch, dtype, cl = 2, torch.float32, False
         bn_shapes = [(8, 8)]
-    es = _size(dtype)
+    es = dtype_size(dtype)
     cases = []
     for C, H in bn_shapes:
         numel = batch * C * H * H
@@ -146,7 +136,7 @@ def bn_pool_cases(device: torch.device, quick: bool) -> list[Case]:
             return (x, torch.ones(C, device=dev, requires_grad=True), torch.zeros(C, device=dev, requires_grad=True))
 
         impls = {"fastnets": lambda x, w, b: ops.batch_norm(x, None, None, w, b, True, activation="relu"),
-                 **_peers(lambda x, w, b: F.relu(F.batch_norm(x, None, None, w, b, True)), device)}
+                 **peers(lambda x, w, b: F.relu(F.batch_norm(x, None, None, w, b, True)), device)}
         # Minimal traffic: fwd reads x, writes y; bwd reads x and dy, writes dx.
         cases.append(Case("bn_pool", "batch_norm_relu_train", f"{batch}x{C}x{H}x{H}", numel, dtype, bn_inputs, impls,
                           2 * numel * es, 3 * numel * es))
@@ -157,7 +147,7 @@ def bn_pool_cases(device: torch.device, quick: bool) -> list[Case]:
         def pool_inputs(dev, C=C, H=H):
             return (_cl(torch.randn(batch, C, H, H, device=dev, dtype=dtype), cl).requires_grad_(),)
 
-        impls = {"fastnets": lambda x: ops.max_pool2d(x, 3, 2, 1), **_peers(lambda x: F.max_pool2d(x, 3, 2, 1), device)}
+        impls = {"fastnets": lambda x: ops.max_pool2d(x, 3, 2, 1), **peers(lambda x: F.max_pool2d(x, 3, 2, 1), device)}
         # fwd: read x, write y (+ int64 indices when training, counted: they are real traffic);
         # bwd: read dy and indices, write dx.
         cases.append(Case("bn_pool", "max_pool2d_3x3s2", f"{batch}x{C}x{H}x{H}", numel_in, dtype, pool_inputs, impls,
@@ -168,7 +158,7 @@ def bn_pool_cases(device: torch.device, quick: bool) -> list[Case]:
     def gap_inputs(dev):
         return (_cl(torch.randn(batch, gap_c, gap_h, gap_h, device=dev, dtype=dtype), cl).requires_grad_(),)
 
-    impls = {"fastnets": lambda x: ops.adaptive_avg_pool2d(x, 1), **_peers(lambda x: F.adaptive_avg_pool2d(x, 1), device)}
+    impls = {"fastnets": lambda x: ops.adaptive_avg_pool2d(x, 1), **peers(lambda x: F.adaptive_avg_pool2d(x, 1), device)}
     cases.append(Case("bn_pool", "global_avg_pool", f"{batch}x{gap_c}x{gap_h}x{gap_h}", numel, dtype, gap_inputs, impls,
                       numel * es, numel * es))
     return cases

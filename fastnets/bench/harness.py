@@ -18,6 +18,7 @@ as a functional run: its times are labelled as such and are not speed figures.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import datetime
 import os
 import platform
@@ -60,6 +61,25 @@ class Case:
 
 class CaseFailure(Exception):
     """fastnets itself raised or computed something wrong on a benchmark case."""
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    """Bytes per element: the cases' traffic formulas."""
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(fn):
+    return torch.compile(fn)
+
+
+def peers(torch_fn, device: torch.device) -> dict:
+    """What a case is measured against: the torch function itself and, on a GPU, its
+    torch.compile'd version."""
+    out = {"torch": torch_fn}
+    if device.type == "cuda":
+        out["torch.compile"] = compiled(torch_fn)
+    return out
 
 
 def is_ours(impl_name: str) -> bool:

@@ -9,17 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops, reference
-from .harness import Case
-
-
-def _size(dtype):
-    from .cases import _size as size
-    return size(dtype)
-
-
-def _peers(torch_fn, device):
-    from .cases import _peers as peers
-    return peers(torch_fn, device)
+from .harness import Case, dtype_size, peers
 
 
 def _flash_attn():
@@ -41,7 +31,7 @@ def attention_cases(device: torch.device, quick: bool) -> list[Case]:
     else:
         seqs, H, D, dtype, tokens = [64], 2, 32, torch.float32, 128
     fa = _flash_attn() if cuda else None
-    es = _size(dtype)
+    es = dtype_size(dtype)
     cases = []
     for causal in (False, True):
         for S in seqs:
@@ -98,7 +88,7 @@ def decode_cases(device: torch.device, quick: bool) -> list[Case]:
     else:
         B, Hq, Hk, D, dtype, lens = 1, 4, 2, 32, torch.float32, [256]
     fa = _flash_attn() if cuda else None
-    es = _size(dtype)
+    es = dtype_size(dtype)
     cases = []
     for Sk in lens:
         nbytes = (2 * B * Hk * Sk * D + 2 * B * Hq * D) * es
@@ -131,12 +121,12 @@ def rope_cases(device: torch.device, quick: bool) -> list[Case]:
     cuda = device.type == "cuda"
     B, H, S, D, dtype = (8, 32, 2048, 128, torch.bfloat16) if cuda else (1, 2, 16, 32, torch.float32)
     cos, sin = reference.rope_cos_sin(S, D, device=device)
-    nbytes = 2 * B * H * S * D * _size(dtype) + 2 * cos.numel() * 4
+    nbytes = 2 * B * H * S * D * dtype_size(dtype) + 2 * cos.numel() * 4
 
     def inputs(dev):
         return (torch.randn(B, H, S, D, device=dev, dtype=dtype, requires_grad=True),)
 
-    impls = {"fastnets": lambda x: ops.apply_rotary_emb(x, cos, sin), **_peers(lambda x: _torch_rope(x, cos, sin), device)}
+    impls = {"fastnets": lambda x: ops.apply_rotary_emb(x, cos, sin), **peers(lambda x: _torch_rope(x, cos, sin), device)}
     return [Case("rope", "apply_rotary_emb", f"B{B} H{H} S{S} D{D}", B * H * S * D, dtype, inputs, impls, nbytes,
                  nbytes)]
 
@@ -158,13 +148,13 @@ def cross_entropy_cases(device: torch.device, quick: bool) -> list[Case]:
     liger = _liger_ce() if cuda else None
     cases = []
     for V in vocabs:
-        nbytes = N * V * _size(dtype)
+        nbytes = N * V * dtype_size(dtype)
 
         def inputs(dev, V=V):
             return (torch.randn(N, V, device=dev, dtype=dtype, requires_grad=True),
                     torch.randint(0, V, (N,), device=dev))
 
-        impls = {"fastnets": lambda x, t: ops.cross_entropy(x, t), **_peers(lambda x, t: F.cross_entropy(x, t), device)}
+        impls = {"fastnets": lambda x, t: ops.cross_entropy(x, t), **peers(lambda x, t: F.cross_entropy(x, t), device)}
         if liger is not None:
             impls["liger"] = lambda x, t: liger(x, t)
         cases.append(Case("cross_entropy", "cross_entropy", f"N{N} V{V}", V, dtype, inputs, impls, nbytes, 2 * nbytes))
@@ -191,9 +181,9 @@ def linear_cross_entropy_cases(device: torch.device, quick: bool) -> list[Case]:
         def unfused(x, w, t):
             return F.cross_entropy(F.linear(x, w).float(), t)
 
-        impls = {"fastnets": lambda x, w, t: ops.linear_cross_entropy(x, w, t), **_peers(unfused, device)}
+        impls = {"fastnets": lambda x, w, t: ops.linear_cross_entropy(x, w, t), **peers(unfused, device)}
         cases.append(Case("lm_head", "linear_cross_entropy", f"N{N} H{Hd} V{V}", V, dtype, inputs, impls,
-                          (N * Hd + V * Hd) * _size(dtype), 2 * (N * Hd + V * Hd) * _size(dtype), modes=("fwd_bwd",),
+                          (N * Hd + V * Hd) * dtype_size(dtype), 2 * (N * Hd + V * Hd) * dtype_size(dtype), modes=("fwd_bwd",),
                           flops_fwd=flops, flops_bwd=2 * flops))
     return cases
 

@@ -32,6 +32,11 @@ _dispatch.register_op("linear_cross_entropy", "LM head matmul + cross-entropy, c
 REDUCTIONS = ("none", "mean", "sum")
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The math dtype: float32, or float64 for float64 inputs (exact float64 gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 # --- custom ops ------------------------------------------------------------------------------------
 
 @torch.library.custom_op("fastnets::cross_entropy_fwd", mutates_args=())
@@ -43,7 +48,8 @@ def _ce_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], wsum: Opti
 @_ce_fwd.register_fake
 def _(logits, target, weight, wsum, ignore_index, eps, z_loss):
     n = logits.shape[0]
-    return logits.new_empty((n,), dtype=torch.float32), logits.new_empty((n,), dtype=torch.float32)
+    acc = _acc(logits.dtype)
+    return logits.new_empty((n,), dtype=acc), logits.new_empty((n,), dtype=acc)
 
 
 @torch.library.custom_op("fastnets::cross_entropy_bwd", mutates_args=())
@@ -67,7 +73,8 @@ def _ce_fwd_grad_(logits: Tensor, target: Tensor, weight: Optional[Tensor], wsum
 @_ce_fwd_grad_.register_fake
 def _(logits, target, weight, wsum, grad_scale, ignore_index, eps, z_loss):
     n = logits.shape[0]
-    return logits.new_empty((n,), dtype=torch.float32), logits.new_empty((n,), dtype=torch.float32)
+    acc = _acc(logits.dtype)
+    return logits.new_empty((n,), dtype=acc), logits.new_empty((n,), dtype=acc)
 
 
 def _ce_setup(ctx, inputs, output):
@@ -126,14 +133,14 @@ def _class_weight(op: str, name: str, weight, V: int, like: Tensor):
     if weight.device != like.device:
         raise ValueError(f"{op}: {name} is on {weight.device} but input is on {like.device}")
     weight = weight.detach().contiguous()
-    return weight, weight.float().sum().reshape(1)
+    return weight, weight.to(_acc(like.dtype)).sum().reshape(1)
 
 
-def _denominator(target: Tensor, weight: Optional[Tensor], ignore_index: int) -> Tensor:
+def _denominator(target: Tensor, weight: Optional[Tensor], ignore_index: int, acc=torch.float32) -> Tensor:
     valid = target != ignore_index
     if weight is None:
-        return valid.sum().float()
-    return (weight.float()[target.clamp(0, weight.numel() - 1)] * valid).sum()
+        return valid.sum().to(acc)
+    return (weight.to(acc)[target.clamp(0, weight.numel() - 1)] * valid).sum()
 
 
 def _reduce(rows: Tensor, target: Tensor, weight, ignore_index: int, reduction: str, dtype) -> Tensor:
@@ -141,7 +148,7 @@ def _reduce(rows: Tensor, target: Tensor, weight, ignore_index: int, reduction: 
         return rows.to(dtype)
     if reduction == "sum":
         return rows.sum().to(dtype)
-    return (rows.sum() / _denominator(target, weight, ignore_index)).to(dtype)
+    return (rows.sum() / _denominator(target, weight, ignore_index, rows.dtype)).to(dtype)
 
 
 def _smoothing(op: str, label_smoothing, z_loss) -> tuple[float, float]:
@@ -167,7 +174,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     A target class outside [0, C) (other than ignore_index) raises for CPU tensors and
     makes the loss NaN on CUDA (torch raises a device-side assert there).
     The loss has input's dtype (float32 under autocast, as torch) unless out_dtype is given
-    (e.g. float32 for bf16 logits, skipping a rounding); all arithmetic is float32.
+    (e.g. float32 for bf16 logits, skipping a rounding); all arithmetic is float32 (float64
+    for float64 logits).
     Probability (float) targets (input's shape) run the torch reference, z_loss and out_dtype
     included, with a warning once (counted as a fallback in backend_report()).
     Backward: input. Backends: triton (CUDA), interpret (CPU + TRITON_INTERPRET=1), torch.
@@ -228,14 +236,14 @@ def _accumulate_float32(acc: Tensor, a: Tensor, b: Tensor, block_bytes: int = 64
         return
     rows = max(1, block_bytes // max(1, b.shape[1] * 6))
     for r in range(0, a.shape[0], rows):
-        acc[r:r + rows] += (a[r:r + rows] @ b).float()
+        acc[r:r + rows] += (a[r:r + rows] @ b).to(acc.dtype)
 
 
 def _grad_buffers(x: Tensor, weight: Tensor, needs) -> tuple:
     """dx (x's dtype), dW and dbias (float32 accumulators), None where not needed."""
     return (torch.empty_like(x) if needs[0] else None,
-            torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if needs[1] else None,
-            torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device) if needs[2] else None)
+            torch.zeros(weight.shape, dtype=_acc(x.dtype), device=x.device) if needs[1] else None,
+            torch.zeros(weight.shape[0], dtype=_acc(x.dtype), device=x.device) if needs[2] else None)
 
 
 def _backprop_chunk(dlogits: Tensor, xc: Tensor, weight: Tensor, dx_rows, dw, db) -> None:
@@ -245,7 +253,7 @@ def _backprop_chunk(dlogits: Tensor, xc: Tensor, weight: Tensor, dx_rows, dw, db
     if dw is not None:
         _accumulate_float32(dw, dlogits.t(), xc)
     if db is not None:
-        db += dlogits.sum(0, dtype=torch.float32)
+        db += dlogits.sum(0, dtype=db.dtype)
 
 
 def _chunk_logits(x: Tensor, weight: Tensor, bias) -> Tensor:
@@ -258,10 +266,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         N, _ = x.shape
         needs = ctx.needs_input_grad[:3]
         precompute = any(needs) and reduction != "none"
-        denom = _denominator(target, class_weight, ignore_index)
-        scale = (1.0 / denom if reduction == "mean" else torch.ones((), device=x.device)).reshape(1).float()
-        rows = x.new_empty((N,), dtype=torch.float32)
-        lse = x.new_empty((N,), dtype=torch.float32)
+        acc = _acc(x.dtype)
+        denom = _denominator(target, class_weight, ignore_index, acc)
+        scale = (1.0 / denom if reduction == "mean" else torch.ones((), device=x.device)).reshape(1).to(acc)
+        rows = x.new_empty((N,), dtype=acc)
+        lse = x.new_empty((N,), dtype=acc)
         dx, dw, db = _grad_buffers(x, weight, needs if precompute else (False,) * 3)
         for s in range(0, N, chunk):
             e = min(N, s + chunk)
@@ -277,7 +286,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows[s:e] = r
             lse[s:e] = ls
             del logits
-        ctx.precompute, ctx.chunk = precompute, chunk
+        ctx.precompute, ctx.chunk, ctx.acc = precompute, chunk, acc
         ctx.args = (ignore_index, eps, z_loss)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         if precompute:
@@ -295,13 +304,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w_dtype, b_dtype = ctx.dtypes
         if ctx.precompute:
             dx, dw, db = ctx.saved_tensors
-            g = g.float()
+            g = g.to(ctx.acc)
             return ((dx * g.to(dx.dtype)) if needs[0] else None, (dw * g).to(w_dtype) if needs[1] else None,
                     (db * g).to(b_dtype) if needs[2] else None, None, None, None, None, None, None, None, None)
         x, weight, bias, target, class_weight, wsum, lse = ctx.saved_tensors
         N, chunk = x.shape[0], ctx.chunk
         dx, dw, db = _grad_buffers(x, weight, needs)
-        g = g.float()
+        g = g.to(_acc(x.dtype))
         for s in range(0, N, chunk):
             e = min(N, s + chunk)
             logits = _chunk_logits(x[s:e], weight, bias)
