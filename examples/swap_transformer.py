@@ -63,6 +63,9 @@ def main():
     print(f"train time: torch {ref_time:.2f} s, fastnets {fast_time:.2f} s{mode}")
     if diff > 1e-3 or abs(ref_losses[-1] - fast_losses[-1]) > 1e-2:
         raise SystemExit("swapped model diverged from the torch model")
+    fastnets.unswap(fast)   # back to torch.nn: same modules, same (trained) Parameters
+    assert not any(type(m).__module__.startswith("fastnets.") for m in fast.modules())
+    print("unswapped: the model is plain torch.nn again, with its trained parameters")
 
 
 if __name__ == "__main__":

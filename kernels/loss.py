@@ -91,11 +91,12 @@ def _launch(logits, target, weight, wsum, loss, lse, dlogits, grad, stride_g, ig
     if N == 0:
         return
     gpu = _common.gpu_launch(logits.device)
-    # 8192 columns on 16 warps: 16 a thread; float64 takes 2048 on 8 warps (two registers a
-    # value; 4096 on 8 or 16 warps spilled a few bytes under one Triton or the other).
-    block_v = min(next_pow2(V), (2048 if logits.dtype == torch.float64 else 8192) if gpu else 65536)
+    # 8192 columns on 16 warps: 16 a thread. float64 (float64 math, two registers a value) takes
+    # 512 on 4 warps: every larger tile, and 256, left a 4-8 byte spill in some variant under
+    # Triton 3.6's ptxas (at 32-72 registers; the static report was read for each).
+    block_v = min(next_pow2(V), (512 if logits.dtype == torch.float64 else 8192) if gpu else 65536)
     if logits.dtype == torch.float64:
-        warps = 8 if block_v >= 1024 else 4
+        warps = 4
     else:
         warps = 16 if block_v >= 8192 else 8 if block_v >= 2048 else 4
     dummy = lse

@@ -13,7 +13,8 @@ KERNEL_BACKEND = "triton" if DEVICE.type == "cuda" else "interpret"
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str,
-                 baseline: torch.Tensor | None = None, tensor_scale: bool = False, min_scale: float = 1e-3) -> None:
+                 baseline: torch.Tensor | None = None, tensor_scale: bool = False, min_scale: float = 1e-3,
+                 tol=None) -> None:
     """actual (any dtype) against a high-precision expected. NaN/inf must sit where the
     reference has them. Fails with max-abs / relative error and the first bad index.
 
@@ -23,6 +24,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     and bfloat16 with a baseline (torch eager in the same dtype), an element may also be off
     by up to 2x torch's own error on that element (the flash-attention rule): torch is the
     bar users hold us to. float32 and float64 use the table alone.
+    tol: a Tol from the table other than the dtype's (MODEL_TRAIN_FLOAT32).
     min_scale: the smallest scale (an output that is zero in exact arithmetic, such as a
     gradient through a constant, carries rounding residue of its intermediate terms).
     tensor_scale: rtol too applies to the tensor's largest magnitude (sums with cancellation,
@@ -43,7 +45,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     a, e = a[finite], e[finite]
     if a.numel() == 0:
         return
-    tol = TOLERANCES[dtype]
+    tol = tol or TOLERANCES[dtype]
     err = (a - e).abs()
     scale = max(e.abs().max().item(), min_scale)
     allowed = tol.atol * scale + tol.rtol * (scale if tensor_scale else e.abs())

@@ -23,6 +23,12 @@ class Tol:
     bench_rel: float
 
 
+# Whole models in float32 through training-mode BatchNorm (batch statistics over a few values
+# amplify every rounding layer after layer): judged against float64 with this fixed floor,
+# ~3x the worst error seen, rather than against torch's own float32 error, which moves with the
+# CPU's kernels. Not for single ops.
+MODEL_TRAIN_FLOAT32 = Tol(atol=2e-3, rtol=2e-3, bench_rel=5e-3)
+
 TOLERANCES = {
     torch.float64: Tol(atol=1e-9, rtol=1e-7, bench_rel=1e-9),
     torch.float32: Tol(atol=2e-5, rtol=2e-5, bench_rel=5e-3),
