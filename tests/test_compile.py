@@ -42,7 +42,11 @@ OPS = {"bias_act_swiglu": "bias_act", "conv2d_fused": "conv2d", "batch_norm_pool
 
 def _recording_backend(seen: list):
     def backend(gm, example_inputs):
-        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        # Subgraphs too: an autograd.Function (linear_cross_entropy) traces into a
+        # higher-order op whose body is a submodule of the graph module.
+        for sub in gm.modules():
+            if isinstance(sub, torch.fx.GraphModule):
+                seen.extend(str(n.target) for n in sub.graph.nodes if n.op == "call_function")
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
     return backend
 
