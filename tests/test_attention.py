@@ -161,8 +161,10 @@ def test_flash_attention_head_dims(D):
 @pytest.mark.parametrize("seqlen", [1, 17, 1000])
 def test_flash_attention_seq_lengths(seqlen):
     q, k, v = _qkv(1, 1, 1, seqlen, seqlen, 16, torch.float32)
+    # One key: the softmax is constant, dq is 0 up to the rounding of dp - delta (terms of size ~1).
     check_op("flash_attention", lambda q, k, v: ops.flash_attention(q, k, v, causal=True),
-             lambda q, k, v: reference.attention(q, k, v, causal=True), [q, k, v], torch.float32)
+             lambda q, k, v: reference.attention(q, k, v, causal=True), [q, k, v], torch.float32,
+             min_scale=1.0 if seqlen == 1 else 1e-3)
 
 
 def test_flash_attention_long_sequence():
