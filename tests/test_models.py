@@ -139,11 +139,13 @@ def test_swap_fuses_conv_bn_relu_in_torchvision_style_resnet():
     assert ("layer2.0.downsample.0", "layer2.0.downsample.1") in fused
     assert len(report.fused) == 20   # every conv in resnet18 is followed by its BN
     x = _x(2, 32)
-    with torch.no_grad():
+    with torch.no_grad(), expect_backend("conv2d"):
         assert_close(model(x), copy.deepcopy(ref).double()(x.double()), torch.float32, "swapped eval",
                      baseline=ref(x))
     model.train(), ref.train()
-    assert_close(model(x), copy.deepcopy(ref).double()(x.double()), torch.float32, "swapped train",
+    with expect_backend("batch_norm"):
+        got = model(x)
+    assert_close(got, copy.deepcopy(ref).double()(x.double()), torch.float32, "swapped train",
                  tol=MODEL_TRAIN_FLOAT32)
     fastnets.unswap(model)
     assert type(model.layer1[0].conv1) is nn.Conv2d and type(model.relu) is nn.ReLU
@@ -203,7 +205,8 @@ def test_transfer_learning_from_local_checkpoint(tmp_path, suffix):
     model.to(DEVICE).train()
     assert not model.layer1[0].bn1.training and model.layer4[0].bn1.training   # frozen BNs keep their stats
 
-    feats = transfer.feature_extractor(model)(_x(2, 32))
+    with expect_backend("conv2d"):
+        feats = transfer.feature_extractor(model)(_x(2, 32))
     assert feats.shape == (2, 512)
 
     # a 1000-class checkpoint into the 6-class model: skip the mismatched head
