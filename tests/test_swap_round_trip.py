@@ -203,3 +203,19 @@ def test_swap_twice_is_a_no_op_and_include_by_rule_name():
     assert {rule for *_, rule in report.replaced} == {"torch.nn.modules.normalization.LayerNorm"}
     fastnets.unswap(model)
     assert type(model.layers[0].norm1) is nn.LayerNorm
+
+
+def test_swapped_hf_model_pickles_and_unswaps_after_loading(tmp_path):
+    """torch.save(model) of a swapped transformers model works (the patched classes are
+    module-level), and the loaded copy still unswaps."""
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
+    model = _hf(cfg, transformers.AutoModelForCausalLM)
+    fastnets.swap(model)
+    path = tmp_path / "swapped.pt"
+    torch.save(model, path)
+    loaded = torch.load(path, weights_only=False)
+    assert type(loaded.model.norm).__name__.startswith("FastnetsLlamaRMSNorm")
+    fastnets.unswap(loaded)
+    assert type(loaded.model.norm).__name__ == "LlamaRMSNorm"
+    assert loaded.config._attn_implementation == "eager"

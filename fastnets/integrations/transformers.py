@@ -95,8 +95,12 @@ def _patched_class(base: type, forward, **attrs) -> type:
     change like every other rule, and unswap() restores `base`."""
     key = (base, forward, tuple(sorted(attrs.items())))
     if key not in _PATCHED:
-        _PATCHED[key] = type(f"Fastnets{base.__name__}", (base,),
-                             {"forward": forward, "__module__": __name__, "__doc__": forward.__doc__, **attrs})
+        # A module-level name, so a swapped model pickles (torch.save(model)) like any other;
+        # the suffix keeps two bases of the same name (or offsets) apart.
+        name = f"Fastnets{base.__name__}_{len(_PATCHED)}"
+        cls = type(name, (base,), {"forward": forward, "__module__": __name__, "__qualname__": name,
+                                   "__doc__": forward.__doc__, **attrs})
+        globals()[name] = _PATCHED[key] = cls
     return _PATCHED[key]
 
 
@@ -106,10 +110,28 @@ def _rms_forward(self, hidden_states: Tensor) -> Tensor:
     return ops.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, eps, offset=self._fastnets_offset)
 
 
+def _gate_up(self) -> tuple:
+    """[gate | up] weight (and bias), concatenated. With autograd recording (training) it is
+    rebuilt every call, so gradients reach both projections; in inference (generation, one
+    token a step) it is kept until a weight changes (their version counters say so), in a
+    `_fastnets_` entry that unswap() drops."""
+    tensors = (self.gate_proj.weight, self.up_proj.weight, self.gate_proj.bias, self.up_proj.bias)
+    cacheable = not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+    key = tuple(None if t is None else (id(t), t._version) for t in tensors)
+    cached = self.__dict__.get("_fastnets_gate_up")
+    if cacheable and cached is not None and cached[0] == key:
+        return cached[1]
+    w = torch.cat(tensors[:2], 0)
+    b = torch.cat(tensors[2:], 0) if tensors[2] is not None else None
+    if cacheable:
+        self.__dict__["_fastnets_gate_up"] = (key, (w, b))
+    return w, b
+
+
 def _gated_mlp_forward(self, x: Tensor) -> Tensor:
     """[gate | up] from one GEMM, then act(gate) * up in one pass (SwiGLU / GeGLU)."""
-    w = torch.cat((self.gate_proj.weight, self.up_proj.weight), 0)
-    b = (torch.cat((self.gate_proj.bias, self.up_proj.bias), 0) if self.gate_proj.bias is not None else None)
+    w, b = _gate_up(self)
     return self.down_proj(ops.bias_act(F.linear(x, w), b, self._fastnets_act))
 
 
