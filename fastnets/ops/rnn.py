@@ -1,0 +1,405 @@
+"""Recurrent networks: lstm / gru / rnn_tanh / rnn_relu over whole sequences and the four
+single-step cells, with torch.nn's weight layout.
+
+Per layer and direction:
+1. the input projection of every step, x @ W_ih^T + b_ih + b_hh (GRU keeps b_hn aside: it
+   sits inside the reset product), as one GEMM (cuBLAS); autograd of that GEMM gives dx,
+   dW_ih and the bias gradients as one GEMM / reduction each over all steps;
+2. the recurrence, `fastnets::rnn_recurrence`: one fused Triton launch per step
+   (kernels/rnn.py), or one persistent CUDA launch for the whole sequence where the shape
+   fits (fastnets/ops/rnn_persistent.py); its backward `fastnets::rnn_recurrence_bwd` is one
+   fused launch per step plus one GEMM for dW_hh (and dW_hr) over all steps.
+Layers loop in Python; dropout between layers is torch's own F.dropout (torch's generator,
+the same mask in the backward). Both are traceable: torch.compile sees two custom ops per
+layer and direction and no graph break.
+
+PackedSequence inputs run padded, in the packed (length-sorted) batch order, with per-row
+lengths: a finished row keeps its state, so h_n is the state after its last valid step,
+exactly as torch's.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
+
+from .. import _dispatch, reference
+from ..reference.rnn import GATES
+from . import _checks
+
+_dispatch.register_op("rnn", "LSTM / GRU / Elman RNN: fused per-step cells (Triton) or a persistent sequence "
+                             "kernel (CUDA C++), proj_size, packed sequences, bidirectional", has_cuda=True)
+
+MODES = tuple(GATES)
+
+
+def _rnn_kernels():
+    from ..kernels import rnn
+    return rnn
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty((0,))
+
+
+# --- custom ops ------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastnets::rnn_recurrence", mutates_args=())
+def _recurrence(xg: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor, b_hn: Optional[Tensor],
+                w_hr: Optional[Tensor], lengths: Optional[Tensor], mode: str,
+                reverse: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(hseq, c_n, cseq, save, hraw); absent ones (non-LSTM c_n / cseq, hraw without proj) empty."""
+    from . import rnn_persistent
+    acc = _acc(xg.dtype)
+    c0a = c0.to(acc).contiguous() if c0 is not None else None
+    out = rnn_persistent.maybe_run(mode, xg, h0, c0a, w_hh, b_hn, w_hr, lengths, reverse)
+    if out is None:
+        out = _rnn_kernels().recurrence_fwd(mode, xg, h0, c0a, w_hh, b_hn, w_hr, lengths, reverse)
+    hseq, cseq, save, hraw = out
+    c_n = (cseq[0] if reverse else cseq[-1]).to(xg.dtype, copy=True) if cseq is not None else _empty(xg)
+    return hseq, c_n, (cseq if cseq is not None else _empty(xg)), save, (hraw if hraw is not None else _empty(xg))
+
+
+@_recurrence.register_fake
+def _(xg, h0, c0, w_hh, b_hn, w_hr, lengths, mode, reverse):
+    T, B, GH = xg.shape
+    H = GH // GATES[mode]
+    K = w_hh.shape[1]
+    lstm = mode == "LSTM"
+    return (xg.new_empty((T, B, K)), xg.new_empty((B, H) if lstm else (0,)),
+            xg.new_empty((T, B, H) if lstm else (0,), dtype=_acc(xg.dtype)),
+            xg.new_empty((T, B, (4 if mode in ("LSTM", "GRU") else 1) * H)),
+            xg.new_empty((T, B, H) if w_hr is not None else (0,)))
+
+
+@torch.library.custom_op("fastnets::rnn_recurrence_bwd", mutates_args=())
+def _recurrence_bwd(d_hseq: Tensor, d_cn: Optional[Tensor], h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
+                    b_hn: Optional[Tensor], w_hr: Optional[Tensor], hseq: Tensor, cseq: Optional[Tensor],
+                    save: Tensor, hraw: Optional[Tensor], lengths: Optional[Tensor], mode: str,
+                    reverse: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dxg, dh0, dc0, dw_hh, db_hn, dw_hr); absent ones empty."""
+    acc = _acc(hseq.dtype)
+    c0a = c0.to(acc).contiguous() if c0 is not None else None
+    dxg, dgh, dh0, dc0, dhp = _rnn_kernels().recurrence_bwd(
+        mode, d_hseq.contiguous(), d_cn, hseq.dtype, h0, c0a, w_hh, w_hr, hseq, cseq, save, hraw, lengths, reverse)
+    T, B, K = hseq.shape
+    H = w_hh.shape[0] // GATES[mode]
+    # The state each step read: h0, then the states in processing order.
+    hprev = torch.cat([hseq[1:], h0[None]]) if reverse else torch.cat([h0[None], hseq[:-1]])
+    # dW_hh: one GEMM over all (step, row) pairs; rows past a sequence's end carry zero gradient.
+    dw_hh = (dgh.reshape(T * B, -1).t() @ hprev.reshape(T * B, K)).to(w_hh.dtype)
+    db_hn = dgh[..., 2 * H:].sum((0, 1), dtype=acc).to(b_hn.dtype) if b_hn is not None else _empty(hseq)
+    dw_hr = ((dhp.reshape(T * B, -1).t() @ hraw.reshape(T * B, H).to(acc)).to(w_hr.dtype)
+             if w_hr is not None else _empty(hseq))
+    return (dxg, dh0.to(h0.dtype), dc0.to(c0.dtype) if c0 is not None else _empty(hseq), dw_hh, db_hn, dw_hr)
+
+
+@_recurrence_bwd.register_fake
+def _(d_hseq, d_cn, h0, c0, w_hh, b_hn, w_hr, hseq, cseq, save, hraw, lengths, mode, reverse):
+    T, B, _ = hseq.shape
+    return (hseq.new_empty((T, B, w_hh.shape[0])), torch.empty_like(h0),
+            torch.empty_like(c0) if c0 is not None else hseq.new_empty((0,)), torch.empty_like(w_hh),
+            torch.empty_like(b_hn) if b_hn is not None else hseq.new_empty((0,)),
+            torch.empty_like(w_hr) if w_hr is not None else hseq.new_empty((0,)))
+
+
+def _recurrence_setup(ctx, inputs, output):
+    xg, h0, c0, w_hh, b_hn, w_hr, lengths, mode, reverse = inputs
+    hseq, _, cseq, save, hraw = output
+    ctx.save_for_backward(h0, c0, w_hh, b_hn, w_hr, hseq, cseq if mode == "LSTM" else None, save,
+                          hraw if w_hr is not None else None, lengths)
+    ctx.args = (mode, reverse)
+
+
+def _recurrence_backward(ctx, d_hseq, d_cn, _d_cseq, _d_save, _d_hraw):
+    h0, c0, w_hh, b_hn, w_hr, hseq, cseq, save, hraw, lengths = ctx.saved_tensors
+    mode, reverse = ctx.args
+    if d_hseq is None:
+        d_hseq = torch.zeros_like(hseq)
+    if d_cn is not None and d_cn.numel() == 0:
+        d_cn = None
+    dxg, dh0, dc0, dw_hh, db_hn, dw_hr = torch.ops.fastnets.rnn_recurrence_bwd(
+        d_hseq, d_cn, h0, c0, w_hh, b_hn, w_hr, hseq, cseq, save, hraw, lengths, mode, reverse)
+    return (dxg, dh0, dc0 if c0 is not None else None, dw_hh, db_hn if b_hn is not None else None,
+            dw_hr if w_hr is not None else None, None, None, None)
+
+
+_recurrence.register_autograd(_recurrence_backward, setup_context=_recurrence_setup)
+
+
+# --- one layer and direction -------------------------------------------------------------------------
+
+def _project(mode: str, x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]):
+    """(xg, b_hn): every step's input projection with the biases folded in (one GEMM), and
+    GRU's b_hn, which must stay inside the reset product."""
+    H = w_ih.shape[0] // GATES[mode]
+    bias, b_hn = b_ih, None
+    if b_hh is not None:
+        if mode == "GRU":
+            b_hn = b_hh[2 * H:]
+            b_hh = torch.cat([b_hh[:2 * H], b_hh.new_zeros(H)])
+        bias = b_hh if bias is None else bias + b_hh
+    T, B, _ = x.shape
+    x2 = x.reshape(T * B, -1)
+    xg = torch.addmm(bias, x2, w_ih.t()) if bias is not None else x2 @ w_ih.t()
+    return xg.view(T, B, -1), b_hn
+
+
+def _layer(mode: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih, w_hh, b_ih, b_hh, w_hr,
+           lengths: Optional[Tensor], reverse: bool, kernel: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """(hseq (T, B, K), h_n, c_n) of one layer and direction."""
+    xg, b_hn = _project(mode, x, w_ih, b_ih, b_hh)
+    if kernel:
+        hseq, c_n, _, _, _ = torch.ops.fastnets.rnn_recurrence(xg.contiguous(), h0.contiguous(),
+                                                                c0.contiguous() if c0 is not None else None,
+                                                                w_hh.contiguous(), b_hn, w_hr, lengths, mode,
+                                                                reverse)
+        c_n = c_n if mode == "LSTM" else None
+    else:
+        hseq, c_n = reference.rnn.recurrence(mode, xg, h0, c0, w_hh, b_hn, w_hr, lengths, reverse)
+    return hseq, (hseq[0] if reverse else hseq[-1]), c_n
+
+
+# --- validation ----------------------------------------------------------------------------------------
+
+def _check_weights(op: str, mode: str, weights: Sequence[Tensor], has_biases: bool, num_layers: int, D: int,
+                   input_size: int, proj_size: int, x: Tensor) -> list:
+    """torch.nn's _flat_weights order, per layer and direction: w_ih, w_hh, [b_ih, b_hh], [w_hr].
+    Returns [(w_ih, w_hh, b_ih, b_hh, w_hr)] indexed by layer * D + direction."""
+    per = 2 + 2 * bool(has_biases) + bool(proj_size)
+    if len(weights) != per * num_layers * D:
+        raise ValueError(f"{op}: expected {per * num_layers * D} weight tensors ({per} per layer and direction), "
+                         f"got {len(weights)}")
+    G = GATES[mode]
+    out = []
+    for n in range(num_layers * D):
+        ws = list(weights[n * per:(n + 1) * per])
+        w_ih, w_hh = ws[0], ws[1]
+        b_ih, b_hh = (ws[2], ws[3]) if has_biases else (None, None)
+        w_hr = ws[-1] if proj_size else None
+        layer = n // D
+        H = w_hh.shape[0] // G if w_hh.dim() == 2 else -1
+        K = proj_size or H
+        in_size = input_size if layer == 0 else D * K
+        for name, t, shape in (("weight_ih", w_ih, (G * H, in_size)), ("weight_hh", w_hh, (G * H, K)),
+                               ("bias_ih", b_ih, (G * H,)), ("bias_hh", b_hh, (G * H,)),
+                               ("weight_hr", w_hr, (proj_size, H))):
+            if t is None:
+                continue
+            label = f"{name}_l{layer}{'_reverse' if n % D else ''}"
+            _checks.tensor(op, label, t)
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{op}: {label} must have shape {shape}, got {tuple(t.shape)}")
+            if t.device != x.device:
+                raise ValueError(f"{op}: {label} is on {t.device} but input is on {x.device}")
+            if t.dtype != x.dtype:
+                raise TypeError(f"{op}: {label} has dtype {t.dtype} but input has {x.dtype}")
+        out.append((w_ih, w_hh, b_ih, b_hh, w_hr))
+    return out
+
+
+def _check_state(op: str, name: str, t: Optional[Tensor], shape: tuple, x: Tensor) -> Tensor:
+    if t is None:
+        return x.new_zeros(shape)
+    _checks.tensor(op, name, t)
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: expected {name} of shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but input is on {x.device}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype} but input has {x.dtype}")
+    return t
+
+
+def _lengths_of(batch_sizes: Tensor) -> Tensor:
+    """Per-row lengths of a packed batch (rows in packed, length-sorted order)."""
+    B = int(batch_sizes[0])
+    return (batch_sizes.unsqueeze(1) > torch.arange(B).unsqueeze(0)).sum(0)
+
+
+# --- public API --------------------------------------------------------------------------------------------
+
+def rnn(mode: str, input, hx, weights: Sequence[Tensor], has_biases: bool = True, num_layers: int = 1,
+        dropout: float = 0.0, train: bool = True, bidirectional: bool = False, batch_first: bool = False, *,
+        proj_size: int = 0):
+    """A whole multi-layer recurrent network, torch.nn.LSTM / GRU / RNN's computation.
+
+    mode: "LSTM", "GRU", "RNN_TANH" or "RNN_RELU". input: (T, B, I) ((B, T, I) when
+    batch_first), (T, I) unbatched, or a PackedSequence (variable lengths, sorted or not).
+    hx: None (zeros), the (L*D, B, K) initial state, or for LSTM a tuple (h0, c0) with c0
+    (L*D, B, H); K = proj_size or H. weights: torch.nn's flat list (module._flat_weights):
+    per layer and direction weight_ih, weight_hh, [bias_ih, bias_hh], [weight_hr].
+    dropout: on every layer's output but the last, when train (torch's generator).
+    Returns (output, h_n) or, for LSTM, (output, (h_n, c_n)); output is a PackedSequence
+    when input is one. fp16 / bf16 / fp32 / fp64; gates and cell state in float32.
+    Backward: input, hx, every weight. Backends: triton / cuda (CUDA), interpret, torch.
+    """
+    if mode not in MODES:
+        raise ValueError(f"rnn: mode must be one of {', '.join(MODES)}, got {mode!r}")
+    op = mode.lower()
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"{op}: num_layers must be a positive int, got {num_layers!r}")
+    if proj_size and mode != "LSTM":
+        raise ValueError(f"{op}: proj_size is only supported for LSTM")
+    if isinstance(proj_size, bool) or not isinstance(proj_size, int) or proj_size < 0:
+        raise ValueError(f"{op}: proj_size must be a non-negative int, got {proj_size!r}")
+    dropout = _checks.number(op, "dropout", dropout, min_value=0.0)
+    if dropout > 1:
+        raise ValueError(f"{op}: dropout must be in [0, 1], got {dropout}")
+    packed = isinstance(input, PackedSequence)
+    D = 2 if bidirectional else 1
+    if packed:
+        data, batch_sizes, sorted_idx, unsorted_idx = input
+        _checks.tensor(op, "input", data)
+        if data.dim() != 2:
+            raise ValueError(f"{op}: packed input data must be 2-D (steps, features), got {tuple(data.shape)}")
+        x, lengths = torch.nn.utils.rnn.pad_packed_sequence(
+            PackedSequence(data, batch_sizes, None, None), batch_first=False)
+        lengths = lengths.to(data.device)
+        unbatched = False
+    else:
+        _checks.tensor(op, "input", input)
+        if input.dim() not in (2, 3):
+            raise ValueError(f"{op}: input must be 3-D (batched) or 2-D (unbatched), got shape {tuple(input.shape)}")
+        unbatched = input.dim() == 2
+        x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if batch_first else input)
+        lengths = None
+        sorted_idx = unsorted_idx = None
+    T, B, I = x.shape
+    if T == 0:
+        raise ValueError(f"{op}: input has no time steps")
+    x, *weights = _checks.autocast(x, *weights)
+    layers = _check_weights(op, mode, weights, has_biases, num_layers, D, I, proj_size, x)
+    H = layers[0][1].shape[0] // GATES[mode]
+    K = proj_size or H
+    h0, c0 = (hx if isinstance(hx, (tuple, list)) else (hx, None)) if hx is not None else (None, None)
+    if mode == "LSTM" and hx is not None and not isinstance(hx, (tuple, list)):
+        raise TypeError(f"{op}: hx must be a tuple (h0, c0) for LSTM")
+    if mode != "LSTM" and isinstance(hx, (tuple, list)):
+        raise TypeError(f"{op}: hx must be a tensor for {mode}, got a {type(hx).__name__}")
+    if unbatched:
+        if h0 is not None and h0.dim() != 2:
+            raise ValueError(f"{op}: for unbatched 2-D input, hx must be 2-D, got shape {tuple(h0.shape)}")
+        h0 = h0.unsqueeze(1) if h0 is not None else None
+        c0 = c0.unsqueeze(1) if c0 is not None else None
+    h0 = _check_state(op, "hx" if mode != "LSTM" else "h0", h0, (num_layers * D, B, K), x)
+    c0 = _check_state(op, "c0", c0, (num_layers * D, B, H), x) if mode == "LSTM" else None
+    if sorted_idx is not None:
+        h0 = h0.index_select(1, sorted_idx)
+        c0 = c0.index_select(1, sorted_idx) if c0 is not None else None
+    kernel = _dispatch.choose("rnn", x.device) != "torch"
+    h_n, c_n = [], []
+    for layer in range(num_layers):
+        outs = []
+        for d in range(D):
+            n = layer * D + d
+            w_ih, w_hh, b_ih, b_hh, w_hr = layers[n]
+            hseq, hn, cn = _layer(mode, x, h0[n], c0[n] if c0 is not None else None, w_ih, w_hh, b_ih, b_hh, w_hr,
+                                  lengths, d == 1, kernel)
+            outs.append(hseq)
+            h_n.append(hn)
+            c_n.append(cn)
+        x = torch.cat(outs, -1) if D == 2 else outs[0]
+        if dropout and train and layer + 1 < num_layers:
+            x = F.dropout(x, dropout, True)
+    h_n = torch.stack(h_n)
+    c_n = torch.stack(c_n) if mode == "LSTM" else None
+    if packed:
+        if unsorted_idx is not None:
+            h_n = h_n.index_select(1, unsorted_idx)
+            c_n = c_n.index_select(1, unsorted_idx) if c_n is not None else None
+        out_data, _ = torch._VF._pack_padded_sequence(x, lengths.cpu(), False)
+        output = PackedSequence(out_data, batch_sizes, sorted_idx, unsorted_idx)
+    elif unbatched:
+        output = x.squeeze(1)
+        h_n = h_n.squeeze(1)
+        c_n = c_n.squeeze(1) if c_n is not None else None
+    else:
+        output = x.transpose(0, 1) if batch_first else x
+    return (output, (h_n, c_n)) if mode == "LSTM" else (output, h_n)
+
+
+def lstm(input, hx, weights, has_biases=True, num_layers=1, dropout=0.0, train=True, bidirectional=False,
+         batch_first=False, *, proj_size=0):
+    """torch.nn.LSTM's computation (see `rnn`); returns (output, (h_n, c_n))."""
+    return rnn("LSTM", input, hx, weights, has_biases, num_layers, dropout, train, bidirectional, batch_first,
+               proj_size=proj_size)
+
+
+def gru(input, hx, weights, has_biases=True, num_layers=1, dropout=0.0, train=True, bidirectional=False,
+        batch_first=False):
+    """torch.nn.GRU's computation (see `rnn`); returns (output, h_n)."""
+    return rnn("GRU", input, hx, weights, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+
+
+def rnn_tanh(input, hx, weights, has_biases=True, num_layers=1, dropout=0.0, train=True, bidirectional=False,
+             batch_first=False):
+    """torch.nn.RNN(nonlinearity='tanh')'s computation (see `rnn`); returns (output, h_n)."""
+    return rnn("RNN_TANH", input, hx, weights, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+
+
+def rnn_relu(input, hx, weights, has_biases=True, num_layers=1, dropout=0.0, train=True, bidirectional=False,
+             batch_first=False):
+    """torch.nn.RNN(nonlinearity='relu')'s computation (see `rnn`); returns (output, h_n)."""
+    return rnn("RNN_RELU", input, hx, weights, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+
+
+# --- cells -------------------------------------------------------------------------------------------------
+
+def _cell(mode: str, op: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor, b_ih, b_hh):
+    _checks.tensor(op, "input", input)
+    if input.dim() not in (1, 2):
+        raise ValueError(f"{op}: input must be 2-D (batch, features) or 1-D, got shape {tuple(input.shape)}")
+    unbatched = input.dim() == 1
+    x = input.unsqueeze(0) if unbatched else input
+    x, w_ih, w_hh, b_ih, b_hh = _checks.autocast(x, w_ih, w_hh, b_ih, b_hh)
+    (w_ih, w_hh, b_ih, b_hh, _), = _check_weights(op, mode, [w for w in (w_ih, w_hh, b_ih, b_hh) if w is not None],
+                                                  b_ih is not None, 1, 1, x.shape[1], 0, x)
+    H = w_hh.shape[1]
+    h, c = (hx if isinstance(hx, (tuple, list)) else (hx, None)) if hx is not None else (None, None)
+    if unbatched:
+        h = h.unsqueeze(0) if h is not None else None
+        c = c.unsqueeze(0) if c is not None else None
+    B = x.shape[0]
+    h = _check_state(op, "hx", h, (B, H), x)
+    c = _check_state(op, "cx", c, (B, H), x) if mode == "LSTM" else None
+    kernel = _dispatch.choose("rnn", x.device) != "torch"
+    if kernel:
+        hseq, h1, c1 = _layer(mode, x.unsqueeze(0), h, c, w_ih, w_hh, b_ih, b_hh, None, None, False, True)
+    else:
+        h1, c1 = reference.rnn.cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)
+    if unbatched:
+        h1 = h1.squeeze(0)
+        c1 = c1.squeeze(0) if c1 is not None else None
+    return (h1, c1) if mode == "LSTM" else h1
+
+
+def lstm_cell(input: Tensor, hx, w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+              b_hh: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """torch.lstm_cell / nn.LSTMCell: input (B, I) or (I,); hx (h, c) or None. Returns (h', c')."""
+    return _cell("LSTM", "lstm_cell", input, hx, w_ih, w_hh, b_ih, b_hh)
+
+
+def gru_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+             b_hh: Optional[Tensor] = None) -> Tensor:
+    """torch.gru_cell / nn.GRUCell. Returns h'."""
+    return _cell("GRU", "gru_cell", input, hx, w_ih, w_hh, b_ih, b_hh)
+
+
+def rnn_tanh_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+                  b_hh: Optional[Tensor] = None) -> Tensor:
+    """torch.rnn_tanh_cell / nn.RNNCell(nonlinearity='tanh'). Returns h'."""
+    return _cell("RNN_TANH", "rnn_tanh_cell", input, hx, w_ih, w_hh, b_ih, b_hh)
+
+
+def rnn_relu_cell(input: Tensor, hx: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor] = None,
+                  b_hh: Optional[Tensor] = None) -> Tensor:
+    """torch.rnn_relu_cell / nn.RNNCell(nonlinearity='relu'). Returns h'."""
+    return _cell("RNN_RELU", "rnn_relu_cell", input, hx, w_ih, w_hh, b_ih, b_hh)

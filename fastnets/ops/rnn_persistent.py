@@ -1,0 +1,3 @@
+"""Placeholder replaced below."""
+def maybe_run(*args):
+    return None

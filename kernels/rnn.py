@@ -1,0 +1,369 @@
+"""Recurrent cells: one fused launch per time step, forward and backward through time.
+
+The input projection x @ W_ih^T of every step is one GEMM before the recurrence (the op
+layer does it with cuBLAS). What is left is sequential, and these kernels fuse each step:
+
+Forward step, a (BLOCK_H hidden units, BLOCK_B batch rows) tile per program: the hidden
+projection W_hh h_{t-1} for every gate of those units (one tensor-core dot per gate, with
+W_hh's rows as the M side so a small batch still fills a 64-row MMA), the gate
+nonlinearities and the state update, written as h_t, c_t (float32) and the activations the
+backward needs. LSTM gates are (i, f, g, o), GRU (r, z, n) with b_hn inside the reset
+product (torch's formula), Elman RNN tanh or relu.
+
+Backward step (in reverse processing order), a (BLOCK_H units, BLOCK_B rows) tile: the
+gradient reaching h_t is the output's gradient + the direct carries + (the next-processed
+step's hidden-side gate gradients) @ W_hh -- a dot with the reduction over all G*H gate
+rows -- then the pointwise gate gradients, written once for the input side (dxg) and, for
+GRU whose n-gate enters W_hh through r, once for the hidden side. The weight gradients are
+one GEMM each over all steps afterwards (fastnets/ops/rnn.py).
+
+Variable lengths: a row whose step t >= length keeps its state (h, c copied through) and
+gets zero gate gradients; the carries pass its gradient through unchanged. With an LSTM
+projection (proj_size) the kernel writes the unprojected o * tanh(c) and the launcher
+projects and freezes; the backward step then gets the already projected-back gradient.
+
+Math runs in float32 (float64 for float64 input); c stays float32 across steps; h is
+stored in the input dtype, which is what the next step's tensor-core dot reads.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import acc_dtype, acc_torch_dtype, empty, next_pow2
+from .activation import _sigmoid, _tanh
+
+# Cell ids (constexpr: each launch compiles only its cell's code).
+CELLS = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
+GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+# Activations saved per hidden unit for the backward: LSTM i f g o, GRU r z n hn, RNN h.
+SAVED = {"LSTM": 4, "GRU": 4, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+@triton.jit
+def _gate_dot(acc, W, row0, j, jm, hT, k, km, K, PRECISION: tl.constexpr):
+    """acc += W[row0 + j, k] @ hT: one gate's (BLOCK_H, BLOCK_K) slice of W_hh times the
+    (BLOCK_K, BLOCK_B) transposed state tile."""
+    w = tl.load(W + (row0 + j)[:, None].to(tl.int64) * K + k[None, :], mask=jm[:, None] & km[None, :], other=0.0)
+    return acc + tl.dot(w, hT, input_precision=PRECISION, out_dtype=acc.dtype)
+
+
+@triton.jit
+def _rnn_step_fwd_kernel(
+    XG, HP, W, BHN, CP,      # XG: (B, G*H) this step's input projection; HP: (B, K) state; W: (G*H, K) W_hh;
+                             # BHN: (H,) GRU b_hn; CP: (B, H) float32 cell state (LSTM)
+    HO, CO, SAVE, LEN,       # HO: (B, H) new h (unprojected when PROJ); CO: (B, H) new c; SAVE: (B, S*H); LEN: (B,)
+    t, B, H, K, s_xg, s_hp, s_ho,
+    CELL: tl.constexpr, NSAVE: tl.constexpr, HAS_BHN: tl.constexpr, HAS_LEN: tl.constexpr, PROJ: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    j = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    jm = j < H
+    bm = b < B
+    m = jm[:, None] & bm[None, :]
+    b64 = b.to(tl.int64)
+    acc0 = tl.zeros((BLOCK_H, BLOCK_B), dtype=ACC)
+    acc1 = tl.zeros((BLOCK_H, BLOCK_B), dtype=ACC)
+    acc2 = tl.zeros((BLOCK_H, BLOCK_B), dtype=ACC)
+    acc3 = tl.zeros((BLOCK_H, BLOCK_B), dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        km = k < K
+        hT = tl.load(HP + b64[None, :] * s_hp + k[:, None], mask=km[:, None] & bm[None, :], other=0.0)
+        acc0 = _gate_dot(acc0, W, 0, j, jm, hT, k, km, K, PRECISION)
+        if CELL <= 1:
+            acc1 = _gate_dot(acc1, W, H, j, jm, hT, k, km, K, PRECISION)
+            acc2 = _gate_dot(acc2, W, 2 * H, j, jm, hT, k, km, K, PRECISION)
+        if CELL == 0:
+            acc3 = _gate_dot(acc3, W, 3 * H, j, jm, hT, k, km, K, PRECISION)
+
+    xo = b64[None, :] * s_xg + j[:, None]          # (BLOCK_H, BLOCK_B) offsets into a (B, G*H) row
+    so = b64[None, :] * (H * NSAVE) + j[:, None]
+    ho = b64[None, :] * s_ho + j[:, None]
+    co = b64[None, :] * H + j[:, None]
+    if HAS_LEN:
+        live = (t < tl.load(LEN + b, mask=bm, other=0))[None, :]
+    if CELL == 0:
+        i = _sigmoid(acc0 + tl.load(XG + xo, mask=m, other=0.0).to(ACC))
+        f = _sigmoid(acc1 + tl.load(XG + xo + H, mask=m, other=0.0).to(ACC))
+        g = _tanh(acc2 + tl.load(XG + xo + 2 * H, mask=m, other=0.0).to(ACC))
+        o = _sigmoid(acc3 + tl.load(XG + xo + 3 * H, mask=m, other=0.0).to(ACC))
+        cp = tl.load(CP + co, mask=m, other=0.0)
+        c = f * cp + i * g
+        h = o * _tanh(c)
+        if HAS_LEN:
+            c = tl.where(live, c, cp)
+        tl.store(CO + co, c, mask=m)
+        tl.store(SAVE + so, i.to(SAVE.dtype.element_ty), mask=m)
+        tl.store(SAVE + so + H, f.to(SAVE.dtype.element_ty), mask=m)
+        tl.store(SAVE + so + 2 * H, g.to(SAVE.dtype.element_ty), mask=m)
+        tl.store(SAVE + so + 3 * H, o.to(SAVE.dtype.element_ty), mask=m)
+    elif CELL == 1:
+        hn = acc2
+        if HAS_BHN:
+            hn += tl.load(BHN + j, mask=jm, other=0.0).to(ACC)[:, None]
+        r = _sigmoid(acc0 + tl.load(XG + xo, mask=m, other=0.0).to(ACC))
+        z = _sigmoid(acc1 + tl.load(XG + xo + H, mask=m, other=0.0).to(ACC))
+        n = _tanh(tl.load(XG + xo + 2 * H, mask=m, other=0.0).to(ACC) + r * hn)
+        hp = tl.load(HP + b64[None, :] * s_hp + j[:, None], mask=m, other=0.0).to(ACC)
+        h = (1.0 - z) * n + z * hp
+        tl.store(SAVE + so, r.to(SAVE.dtype.element_ty), mask=m)
+        tl.store(SAVE + so + H, z.to(SAVE.dtype.element_ty), mask=m)
+        tl.store(SAVE + so + 2 * H, n.to(SAVE.dtype.element_ty), mask=m)
+        tl.store(SAVE + so + 3 * H, hn.to(SAVE.dtype.element_ty), mask=m)
+    else:
+        a = acc0 + tl.load(XG + xo, mask=m, other=0.0).to(ACC)
+        if CELL == 2:
+            h = _tanh(a)
+        else:
+            h = tl.where(a < 0, 0.0, a)
+        tl.store(SAVE + so, h.to(SAVE.dtype.element_ty), mask=m)
+    if HAS_LEN and not PROJ:
+        h = tl.where(live, h, tl.load(HP + b64[None, :] * s_hp + j[:, None], mask=m, other=0.0).to(ACC))
+    tl.store(HO + ho, h.to(HO.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _rnn_step_bwd_kernel(
+    DGN, W, DY, CH, CC,      # DGN: (B, G*H) hidden-side gate grads of the next-processed step; W: (G*H, K);
+                             # DY: (B, H) gradient of h_t from the output; CH, CC: (B, H) float32 carries
+    SAVE, CT, CPREV, HPREV,  # saved activations (B, S*H); c_t, c_{t-1} (B, H) float32; h_{t-1} (B, H)
+    DGX, DGH, CH_OUT, CC_OUT, LEN,
+    t, B, H, K, s_dy, s_hprev,
+    CELL: tl.constexpr, NGATE: tl.constexpr, NSAVE: tl.constexpr, HAS_GEMM: tl.constexpr, HAS_CH: tl.constexpr,
+    HAS_LEN: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    j = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    jm = j < H
+    bm = b < B
+    m = jm[:, None] & bm[None, :]
+    b64 = b.to(tl.int64)
+    GH = H * NGATE
+    # dh^T (BLOCK_H, BLOCK_B) = W_hh[:, j]^T @ dgn^T: the reduction runs over every gate row.
+    dh = tl.zeros((BLOCK_H, BLOCK_B), dtype=ACC)
+    if HAS_GEMM:
+        for r0 in range(0, GH, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            rm = r < GH
+            wT = tl.load(W + r[None, :].to(tl.int64) * K + j[:, None], mask=jm[:, None] & rm[None, :], other=0.0)
+            dgT = tl.load(DGN + b64[None, :] * GH + r[:, None], mask=rm[:, None] & bm[None, :], other=0.0)
+            dh = tl.dot(wT, dgT, dh, input_precision=PRECISION, out_dtype=ACC)
+    ho = b64[None, :] * H + j[:, None]
+    dh += tl.load(DY + b64[None, :] * s_dy + j[:, None], mask=m, other=0.0).to(ACC)
+    if HAS_CH:
+        dh += tl.load(CH + ho, mask=m, other=0.0)
+    so = b64[None, :] * (H * NSAVE) + j[:, None]
+    go = b64[None, :] * GH + j[:, None]
+    if HAS_LEN:
+        live = (t < tl.load(LEN + b, mask=bm, other=0))[None, :]
+    ch = dh * 0.0
+    if CELL == 0:
+        i = tl.load(SAVE + so, mask=m, other=0.0).to(ACC)
+        f = tl.load(SAVE + so + H, mask=m, other=0.0).to(ACC)
+        g = tl.load(SAVE + so + 2 * H, mask=m, other=0.0).to(ACC)
+        o = tl.load(SAVE + so + 3 * H, mask=m, other=0.0).to(ACC)
+        tc = _tanh(tl.load(CT + ho, mask=m, other=0.0))
+        cin = tl.load(CC + ho, mask=m, other=0.0)
+        dc = cin + dh * o * (1.0 - tc * tc)
+        d_i = dc * g * i * (1.0 - i)
+        d_f = dc * tl.load(CPREV + ho, mask=m, other=0.0) * f * (1.0 - f)
+        d_g = dc * i * (1.0 - g * g)
+        d_o = dh * tc * o * (1.0 - o)
+        cc = dc * f
+        if HAS_LEN:
+            d_i = tl.where(live, d_i, 0.0)
+            d_f = tl.where(live, d_f, 0.0)
+            d_g = tl.where(live, d_g, 0.0)
+            d_o = tl.where(live, d_o, 0.0)
+            cc = tl.where(live, cc, cin)
+            ch = tl.where(live, ch, dh)
+        tl.store(CC_OUT + ho, cc, mask=m)
+        tl.store(DGX + go, d_i.to(DGX.dtype.element_ty), mask=m)
+        tl.store(DGX + go + H, d_f.to(DGX.dtype.element_ty), mask=m)
+        tl.store(DGX + go + 2 * H, d_g.to(DGX.dtype.element_ty), mask=m)
+        tl.store(DGX + go + 3 * H, d_o.to(DGX.dtype.element_ty), mask=m)
+    elif CELL == 1:
+        r = tl.load(SAVE + so, mask=m, other=0.0).to(ACC)
+        z = tl.load(SAVE + so + H, mask=m, other=0.0).to(ACC)
+        n = tl.load(SAVE + so + 2 * H, mask=m, other=0.0).to(ACC)
+        hn = tl.load(SAVE + so + 3 * H, mask=m, other=0.0).to(ACC)
+        hp = tl.load(HPREV + b64[None, :] * s_hprev + j[:, None], mask=m, other=0.0).to(ACC)
+        d_n = dh * (1.0 - z) * (1.0 - n * n)
+        d_z = dh * (hp - n) * z * (1.0 - z)
+        d_r = d_n * hn * r * (1.0 - r)
+        d_hn = d_n * r
+        ch = dh * z
+        if HAS_LEN:
+            d_n = tl.where(live, d_n, 0.0)
+            d_z = tl.where(live, d_z, 0.0)
+            d_r = tl.where(live, d_r, 0.0)
+            d_hn = tl.where(live, d_hn, 0.0)
+            ch = tl.where(live, ch, dh)
+        tl.store(DGX + go, d_r.to(DGX.dtype.element_ty), mask=m)
+        tl.store(DGX + go + H, d_z.to(DGX.dtype.element_ty), mask=m)
+        tl.store(DGX + go + 2 * H, d_n.to(DGX.dtype.element_ty), mask=m)
+        tl.store(DGH + go, d_r.to(DGH.dtype.element_ty), mask=m)
+        tl.store(DGH + go + H, d_z.to(DGH.dtype.element_ty), mask=m)
+        tl.store(DGH + go + 2 * H, d_hn.to(DGH.dtype.element_ty), mask=m)
+    else:
+        h = tl.load(SAVE + so, mask=m, other=0.0).to(ACC)
+        if CELL == 2:
+            d_a = dh * (1.0 - h * h)
+        else:
+            d_a = tl.where(h > 0, dh, 0.0)
+        if HAS_LEN:
+            d_a = tl.where(live, d_a, 0.0)
+            ch = tl.where(live, ch, dh)
+        tl.store(DGX + go, d_a.to(DGX.dtype.element_ty), mask=m)
+    tl.store(CH_OUT + ho, ch, mask=m)
+
+
+# --- launch configuration ------------------------------------------------------------------------
+
+def _precision(dtype: torch.dtype) -> str:
+    # cuDNN's RNNs run float32 on TF32 tensor cores when torch allows it for cuDNN.
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def step_config(mode: str, H: int, B: int, K: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Tile sizes for one step. On a GPU a program owns 64 hidden units (the M side of a
+    64-row wgmma; every gate's accumulator in registers) and up to 32 batch rows (64 for
+    the single-accumulator Elman cell); the interpreter takes the smallest tiles tl.dot
+    allows, sized to the problem."""
+    if not _common.gpu_launch(device):
+        return dict(BLOCK_H=max(16, min(64, next_pow2(H))), BLOCK_B=max(16, min(64, next_pow2(B))),
+                    BLOCK_K=max(16, min(64, next_pow2(K))), num_warps=4)
+    wide = dtype in (torch.float32, torch.float64)
+    cap_b = 64 if GATES[mode] == 1 else (16 if dtype == torch.float64 else 32)
+    return dict(BLOCK_H=32 if dtype == torch.float64 else 64, BLOCK_B=max(16, min(cap_b, next_pow2(B))),
+                BLOCK_K=32 if wide else 64, num_warps=4, num_stages=2)
+
+
+def _grid(cfg: dict, H: int, B: int):
+    return (triton.cdiv(H, cfg["BLOCK_H"]), triton.cdiv(B, cfg["BLOCK_B"]))
+
+
+def _steps(T: int, reverse: bool):
+    return range(T - 1, -1, -1) if reverse else range(T)
+
+
+def recurrence_fwd(mode: str, xg: torch.Tensor, h0: torch.Tensor, c0, w_hh: torch.Tensor, b_hn, w_hr,
+                   lengths, reverse: bool):
+    """The forward recurrence of one layer and direction, one fused launch per step.
+
+    xg: (T, B, G*H) contiguous; h0: (B, K); c0: (B, H) float32 (LSTM) or None; w_hh:
+    (G*H, K) contiguous; b_hn: (H,) or None; w_hr: (P, H) or None; lengths: (B,) int64 on
+    xg's device or None. Returns hseq (T, B, K) in xg's dtype, cseq (T, B, H) float32 (LSTM,
+    else None), save (T, B, S*H) and hraw (T, B, H) (the unprojected output, proj only)."""
+    T, B, GH = xg.shape
+    H = GH // GATES[mode]
+    K = w_hh.shape[1]
+    dev, dtype = xg.device, xg.dtype
+    acc = acc_torch_dtype(dtype)
+    hseq = empty((T, B, K), dtype=dtype, device=dev)
+    cseq = empty((T, B, H), dtype=acc, device=dev) if mode == "LSTM" else None
+    save = empty((T, B, SAVED[mode] * H), dtype=dtype, device=dev)
+    hraw = empty((T, B, H), dtype=dtype, device=dev) if w_hr is not None else None
+    live = (torch.arange(T, device=dev)[:, None] < lengths[None, :]).unsqueeze(-1) if (
+        lengths is not None and w_hr is not None) else None
+    cfg = step_config(mode, H, B, K, dtype, dev)
+    grid = _grid(cfg, H, B)
+    dummy = xg   # stands for pointers a specialization never reads
+    prev = None
+    for t in _steps(T, reverse):
+        hp = h0 if prev is None else hseq[prev]
+        cp = (c0 if prev is None else cseq[prev]) if cseq is not None else dummy
+        ho = hraw[t] if hraw is not None else hseq[t]
+        _rnn_step_fwd_kernel[grid](
+            xg[t], hp, w_hh, b_hn if b_hn is not None else dummy, cp,
+            ho, cseq[t] if cseq is not None else dummy, save[t], lengths if lengths is not None else dummy,
+            t, B, H, K, xg.stride(1), hp.stride(0), ho.stride(0),
+            CELL=CELLS[mode], NSAVE=SAVED[mode], HAS_BHN=b_hn is not None, HAS_LEN=lengths is not None, PROJ=w_hr is not None,
+            ACC=acc_dtype(dtype), PRECISION=_precision(dtype), **cfg)
+        if w_hr is not None:
+            torch.mm(hraw[t], w_hr.t(), out=hseq[t])
+            if live is not None:
+                hseq[t] = torch.where(live[t], hseq[t], hp)
+        prev = t
+    return hseq, cseq, save, hraw
+
+
+def recurrence_bwd(mode: str, d_hseq: torch.Tensor, d_cn, xg_dtype: torch.dtype, h0: torch.Tensor, c0,
+                   w_hh: torch.Tensor, w_hr, hseq: torch.Tensor, cseq, save: torch.Tensor, hraw, lengths,
+                   reverse: bool):
+    """Backward through time of one layer and direction.
+
+    d_hseq: (T, B, K) gradient of every step's state (the layer output and h_n together);
+    d_cn: (B, H) gradient of c_n or None. Returns (dxg (T, B, G*H) in the input dtype, dgh
+    (the hidden-side gate gradients, dxg itself except for GRU), dh0 (B, K) float32, dc0
+    (B, H) float32 or None, dhp (T, B, P) float32 gradients of the projected states, proj only)."""
+    T, B, K = hseq.shape
+    G = GATES[mode]
+    H = save.shape[2] // SAVED[mode]
+    dev, dtype = hseq.device, xg_dtype
+    acc = acc_torch_dtype(dtype)
+    dxg = empty((T, B, G * H), dtype=dtype, device=dev)
+    dgh = empty((T, B, G * H), dtype=dtype, device=dev) if mode == "GRU" else dxg
+    proj = w_hr is not None
+    # Carries ping-pong between two buffers: step t reads what step t+1 wrote.
+    ch = [torch.zeros((B, H), dtype=acc, device=dev), empty((B, H), dtype=acc, device=dev)]
+    cc = ([d_cn.to(acc, memory_format=torch.contiguous_format, copy=True) if d_cn is not None else torch.zeros((B, H), dtype=acc, device=dev),
+           empty((B, H), dtype=acc, device=dev)] if mode == "LSTM" else [ch[0], ch[0]])
+    chp = torch.zeros((B, K), dtype=acc, device=dev) if proj else None
+    dhp = empty((T, B, K), dtype=acc, device=dev) if proj else None
+    live = (torch.arange(T, device=dev)[:, None] < lengths[None, :]).unsqueeze(-1) if (
+        lengths is not None and proj) else None
+    cfg = step_config(mode, H, B, K, dtype, dev)
+    cfg = dict(BLOCK_H=cfg["BLOCK_H"], BLOCK_B=cfg["BLOCK_B"], BLOCK_R=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+               **({"num_stages": cfg["num_stages"]} if "num_stages" in cfg else {}))
+    grid = _grid(cfg, H, B)
+    w_acc = w_hh.to(acc)
+    wr_acc = w_hr.to(acc) if proj else None
+    order = list(_steps(T, not reverse))   # backward: the reverse of the processing order
+    nxt = None
+    for n, t in enumerate(order):
+        prev = order[n + 1] if n + 1 < len(order) else None
+        hprev = h0 if prev is None else hseq[prev]
+        if proj:
+            # The state is W_hr h_raw: its gradient (P-dim) gets the hidden-side GEMM here, then
+            # goes back through W_hr to the cell's output.
+            dh_p = d_hseq[t].to(acc) + chp
+            if nxt is not None:
+                dh_p.addmm_(dgh[nxt].to(acc), w_acc)
+            if live is not None:
+                chp = torch.where(live[t], torch.zeros_like(dh_p), dh_p)
+                dh_p = torch.where(live[t], dh_p, torch.zeros_like(dh_p))
+            dhp[t] = dh_p
+            dy = dh_p @ wr_acc
+            s_dy = dy.stride(0)
+        else:
+            dy, s_dy = d_hseq[t], d_hseq.stride(1)
+        cprev = (c0 if prev is None else cseq[prev]) if cseq is not None else dy
+        _rnn_step_bwd_kernel[grid](
+            dgh[nxt] if nxt is not None else dy, w_hh, dy, ch[0], cc[0],
+            save[t], cseq[t] if cseq is not None else dy, cprev, hprev,
+            dxg[t], dgh[t], ch[1], cc[1], lengths if lengths is not None else dy,
+            t, B, H, K, s_dy, hprev.stride(0),
+            CELL=CELLS[mode], NGATE=G, NSAVE=SAVED[mode], HAS_GEMM=nxt is not None and not proj,
+            HAS_CH=not proj, HAS_LEN=lengths is not None, ACC=acc_dtype(dtype),
+            PRECISION=_precision(dtype), **cfg)
+        ch.reverse()
+        if mode == "LSTM":
+            cc.reverse()
+        nxt = t
+    # The first-processed step's hidden-side gradients reach h0 through W_hh.
+    first = order[-1]
+    if proj:
+        dh0 = chp.addmm(dgh[first].to(acc), w_acc)
+    else:
+        dh0 = ch[0].addmm(dgh[first].to(acc), w_acc)
+    dc0 = cc[0] if mode == "LSTM" else None
+    return dxg, dgh, dh0, dc0, dhp
