@@ -128,6 +128,12 @@ RULES: list[Rule] = [
     class_rule(nn.TransformerEncoderLayer, fnn.TransformerEncoderLayer),
     class_rule(nn.TransformerDecoderLayer, fnn.TransformerDecoderLayer),
     class_rule(nn.CrossEntropyLoss, fnn.CrossEntropyLoss),
+    class_rule(nn.LSTM, fnn.LSTM),
+    class_rule(nn.GRU, fnn.GRU),
+    class_rule(nn.RNN, fnn.RNN),
+    class_rule(nn.LSTMCell, fnn.LSTMCell),
+    class_rule(nn.GRUCell, fnn.GRUCell),
+    class_rule(nn.RNNCell, fnn.RNNCell),
 ]
 
 

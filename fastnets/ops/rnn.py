@@ -218,17 +218,24 @@ def _check_state(op: str, name: str, t: Optional[Tensor], shape: tuple, x: Tenso
     return t
 
 
-def _lengths_of(batch_sizes: Tensor) -> Tensor:
-    """Per-row lengths of a packed batch (rows in packed, length-sorted order)."""
-    B = int(batch_sizes[0])
-    return (batch_sizes.unsqueeze(1) > torch.arange(B).unsqueeze(0)).sum(0)
+def _check_lengths(op: str, lengths, T: int, B: int, device) -> Tensor:
+    """Per-row lengths of a padded batch as an int64 tensor on the input's device."""
+    if not isinstance(lengths, Tensor):
+        lengths = torch.as_tensor(lengths)
+    if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.dim() != 1 or lengths.numel() != B:
+        raise ValueError(f"{op}: lengths must be {B} integers (one per batch row), got {tuple(lengths.shape)} "
+                         f"{lengths.dtype}")
+    cpu = lengths.cpu()
+    if not torch.compiler.is_compiling() and bool(((cpu < 1) | (cpu > T)).any()):
+        raise ValueError(f"{op}: lengths must be in [1, {T}] (the padded sequence length), got {cpu.tolist()}")
+    return lengths.to(device=device, dtype=torch.int64)
 
 
 # --- public API --------------------------------------------------------------------------------------------
 
 def rnn(mode: str, input, hx, weights: Sequence[Tensor], has_biases: bool = True, num_layers: int = 1,
         dropout: float = 0.0, train: bool = True, bidirectional: bool = False, batch_first: bool = False, *,
-        proj_size: int = 0):
+        proj_size: int = 0, lengths=None):
     """A whole multi-layer recurrent network, torch.nn.LSTM / GRU / RNN's computation.
 
     mode: "LSTM", "GRU", "RNN_TANH" or "RNN_RELU". input: (T, B, I) ((B, T, I) when
@@ -237,6 +244,9 @@ def rnn(mode: str, input, hx, weights: Sequence[Tensor], has_biases: bool = True
     (L*D, B, H); K = proj_size or H. weights: torch.nn's flat list (module._flat_weights):
     per layer and direction weight_ih, weight_hh, [bias_ih, bias_hh], [weight_hr].
     dropout: on every layer's output but the last, when train (torch's generator).
+    lengths: per-row lengths (B,) for a padded input, in any order (a fastnets option,
+    packing without the copies): rows stop updating past their length and their output
+    there is zero, as torch's pad_packed_sequence gives.
     Returns (output, h_n) or, for LSTM, (output, (h_n, c_n)); output is a PackedSequence
     when input is one. fp16 / bf16 / fp32 / fp64; gates and cell state in float32.
     Backward: input, hx, every weight. Backends: triton / cuda (CUDA), interpret, torch.
@@ -260,6 +270,11 @@ def rnn(mode: str, input, hx, weights: Sequence[Tensor], has_biases: bool = True
         _checks.tensor(op, "input", data)
         if data.dim() != 2:
             raise ValueError(f"{op}: packed input data must be 2-D (steps, features), got {tuple(data.shape)}")
+        if lengths is not None:
+            raise ValueError(f"{op}: lengths is for padded input; a PackedSequence carries its own")
+        if data.shape[0] != int(batch_sizes.sum()):
+            raise ValueError(f"{op}: PackedSequence holds {data.shape[0]} rows but its batch_sizes sum to "
+                             f"{int(batch_sizes.sum())} (lengths longer than the padded sequence?)")
         x, lengths = torch.nn.utils.rnn.pad_packed_sequence(
             PackedSequence(data, batch_sizes, None, None), batch_first=False)
         lengths = lengths.to(data.device)
@@ -270,20 +285,22 @@ def rnn(mode: str, input, hx, weights: Sequence[Tensor], has_biases: bool = True
             raise ValueError(f"{op}: input must be 3-D (batched) or 2-D (unbatched), got shape {tuple(input.shape)}")
         unbatched = input.dim() == 2
         x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if batch_first else input)
-        lengths = None
         sorted_idx = unsorted_idx = None
     T, B, I = x.shape
     if T == 0:
         raise ValueError(f"{op}: input has no time steps")
+    padded_lengths = lengths is not None and not packed
+    if padded_lengths:
+        lengths = _check_lengths(op, lengths, T, B, x.device)
     x, *weights = _checks.autocast(x, *weights)
     layers = _check_weights(op, mode, weights, has_biases, num_layers, D, I, proj_size, x)
     H = layers[0][1].shape[0] // GATES[mode]
     K = proj_size or H
-    h0, c0 = (hx if isinstance(hx, (tuple, list)) else (hx, None)) if hx is not None else (None, None)
-    if mode == "LSTM" and hx is not None and not isinstance(hx, (tuple, list)):
+    if mode == "LSTM" and hx is not None and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
         raise TypeError(f"{op}: hx must be a tuple (h0, c0) for LSTM")
     if mode != "LSTM" and isinstance(hx, (tuple, list)):
         raise TypeError(f"{op}: hx must be a tensor for {mode}, got a {type(hx).__name__}")
+    h0, c0 = (tuple(hx) if isinstance(hx, (tuple, list)) else (hx, None)) if hx is not None else (None, None)
     if unbatched:
         if h0 is not None and h0.dim() != 2:
             raise ValueError(f"{op}: for unbatched 2-D input, hx must be 2-D, got shape {tuple(h0.shape)}")
@@ -307,6 +324,9 @@ def rnn(mode: str, input, hx, weights: Sequence[Tensor], has_biases: bool = True
             h_n.append(hn)
             c_n.append(cn)
         x = torch.cat(outs, -1) if D == 2 else outs[0]
+        if padded_lengths:
+            # Past a row's length its state is frozen; the output there is zero, as torch pads.
+            x = x * (torch.arange(T, device=x.device)[:, None] < lengths[None, :]).unsqueeze(-1).to(x.dtype)
         if dropout and train and layer + 1 < num_layers:
             x = F.dropout(x, dropout, True)
     h_n = torch.stack(h_n)
