@@ -32,6 +32,7 @@ PARTS=(
   "bench-bn_pool|benchmark: BatchNorm+ReLU, max pool, global average pool|3"
   "bench-attention|benchmark: flash attention fwd/bwd, 1k-16k, causal and not, vs SDPA / FlashAttention-2|7"
   "bench-transformer|benchmark: decode, rope, cross-entropy, fused LM head|6"
+  "bench-rnn|benchmark: 2-layer LSTM / GRU fwd and fwd+bwd, packed, proj_size, decode step vs cuDNN / compile|7"
   "bench-model|benchmark: ResNet-50 and GPT-2 124M training steps vs eager / torch.compile|7"
 )
 
@@ -94,6 +95,7 @@ run_part() {
     bench-bn_pool)     $PY -m fastnets bench --merge --out "$OUT" $QUICK --ops bn_pool ;;
     bench-attention)   $PY -m fastnets bench --merge --out "$OUT" $QUICK --ops attention ;;
     bench-transformer) $PY -m fastnets bench --merge --out "$OUT" $QUICK --ops decode rope cross_entropy lm_head ;;
+    bench-rnn)         $PY -m fastnets bench --merge --out "$OUT" $QUICK --ops rnn ;;
     bench-model)       $PY -m fastnets bench --merge --out "$OUT" $QUICK --ops model ;;
     *) echo "unknown part: $name"; return 2 ;;
   esac

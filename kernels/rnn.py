@@ -46,11 +46,14 @@ SAVED = {"LSTM": 4, "GRU": 4, "RNN_TANH": 1, "RNN_RELU": 1}
 def _gate_dot(acc, W, row0, j, jm, hT, k, km, K, PRECISION: tl.constexpr):
     """acc += W[row0 + j, k] @ hT: one gate's (BLOCK_H, BLOCK_K) slice of W_hh times the
     (BLOCK_K, BLOCK_B) transposed state tile."""
-    w = tl.load(W + (row0 + j)[:, None].to(tl.int64) * K + k[None, :], mask=jm[:, None] & km[None, :], other=0.0)
+    # int32 offsets (the launcher checks G*H*K < 2**31): 64-bit per-element addresses of an
+    # unaligned tile (K not a multiple of 16) cost twice the registers and spilled.
+    w = tl.load(W + (row0 + j)[:, None] * K + k[None, :], mask=jm[:, None] & km[None, :], other=0.0)
     return acc + tl.dot(w, hT, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
-@triton.jit
+# The step index only gates lengths: not specialized (t == 1 would otherwise compile anew).
+@triton.jit(do_not_specialize=["t"])
 def _rnn_step_fwd_kernel(
     XG, HP, W, BHN, CP,      # XG: (B, G*H) this step's input projection; HP: (B, K) state; W: (G*H, K) W_hh;
                              # BHN: (H,) GRU b_hn; CP: (B, H) float32 cell state (LSTM)
@@ -65,7 +68,6 @@ def _rnn_step_fwd_kernel(
     jm = j < H
     bm = b < B
     m = jm[:, None] & bm[None, :]
-    b64 = b.to(tl.int64)
     acc0 = tl.zeros((BLOCK_H, BLOCK_B), dtype=ACC)
     acc1 = tl.zeros((BLOCK_H, BLOCK_B), dtype=ACC)
     acc2 = tl.zeros((BLOCK_H, BLOCK_B), dtype=ACC)
@@ -73,7 +75,7 @@ def _rnn_step_fwd_kernel(
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         km = k < K
-        hT = tl.load(HP + b64[None, :] * s_hp + k[:, None], mask=km[:, None] & bm[None, :], other=0.0)
+        hT = tl.load(HP + b[None, :] * s_hp + k[:, None], mask=km[:, None] & bm[None, :], other=0.0)
         acc0 = _gate_dot(acc0, W, 0, j, jm, hT, k, km, K, PRECISION)
         if CELL <= 1:
             acc1 = _gate_dot(acc1, W, H, j, jm, hT, k, km, K, PRECISION)
@@ -81,10 +83,10 @@ def _rnn_step_fwd_kernel(
         if CELL == 0:
             acc3 = _gate_dot(acc3, W, 3 * H, j, jm, hT, k, km, K, PRECISION)
 
-    xo = b64[None, :] * s_xg + j[:, None]          # (BLOCK_H, BLOCK_B) offsets into a (B, G*H) row
-    so = b64[None, :] * (H * NSAVE) + j[:, None]
-    ho = b64[None, :] * s_ho + j[:, None]
-    co = b64[None, :] * H + j[:, None]
+    xo = b[None, :] * s_xg + j[:, None]          # (BLOCK_H, BLOCK_B) offsets into a (B, G*H) row
+    so = b[None, :] * (H * NSAVE) + j[:, None]
+    ho = b[None, :] * s_ho + j[:, None]
+    co = b[None, :] * H + j[:, None]
     if HAS_LEN:
         live = (t < tl.load(LEN + b, mask=bm, other=0))[None, :]
     if CELL == 0:
@@ -109,7 +111,7 @@ def _rnn_step_fwd_kernel(
         r = _sigmoid(acc0 + tl.load(XG + xo, mask=m, other=0.0).to(ACC))
         z = _sigmoid(acc1 + tl.load(XG + xo + H, mask=m, other=0.0).to(ACC))
         n = _tanh(tl.load(XG + xo + 2 * H, mask=m, other=0.0).to(ACC) + r * hn)
-        hp = tl.load(HP + b64[None, :] * s_hp + j[:, None], mask=m, other=0.0).to(ACC)
+        hp = tl.load(HP + b[None, :] * s_hp + j[:, None], mask=m, other=0.0).to(ACC)
         h = (1.0 - z) * n + z * hp
         tl.store(SAVE + so, r.to(SAVE.dtype.element_ty), mask=m)
         tl.store(SAVE + so + H, z.to(SAVE.dtype.element_ty), mask=m)
@@ -123,11 +125,11 @@ def _rnn_step_fwd_kernel(
             h = tl.where(a < 0, 0.0, a)
         tl.store(SAVE + so, h.to(SAVE.dtype.element_ty), mask=m)
     if HAS_LEN and not PROJ:
-        h = tl.where(live, h, tl.load(HP + b64[None, :] * s_hp + j[:, None], mask=m, other=0.0).to(ACC))
+        h = tl.where(live, h, tl.load(HP + b[None, :] * s_hp + j[:, None], mask=m, other=0.0).to(ACC))
     tl.store(HO + ho, h.to(HO.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def _rnn_step_bwd_kernel(
     DGN, W, DY, CH, CC,      # DGN: (B, G*H) hidden-side gate grads of the next-processed step; W: (G*H, K);
                              # DY: (B, H) gradient of h_t from the output; CH, CC: (B, H) float32 carries
@@ -143,7 +145,6 @@ def _rnn_step_bwd_kernel(
     jm = j < H
     bm = b < B
     m = jm[:, None] & bm[None, :]
-    b64 = b.to(tl.int64)
     GH = H * NGATE
     # dh^T (BLOCK_H, BLOCK_B) = W_hh[:, j]^T @ dgn^T: the reduction runs over every gate row.
     dh = tl.zeros((BLOCK_H, BLOCK_B), dtype=ACC)
@@ -151,15 +152,15 @@ def _rnn_step_bwd_kernel(
         for r0 in range(0, GH, BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
             rm = r < GH
-            wT = tl.load(W + r[None, :].to(tl.int64) * K + j[:, None], mask=jm[:, None] & rm[None, :], other=0.0)
-            dgT = tl.load(DGN + b64[None, :] * GH + r[:, None], mask=rm[:, None] & bm[None, :], other=0.0)
+            wT = tl.load(W + r[None, :] * K + j[:, None], mask=jm[:, None] & rm[None, :], other=0.0)
+            dgT = tl.load(DGN + b[None, :] * GH + r[:, None], mask=rm[:, None] & bm[None, :], other=0.0)
             dh = tl.dot(wT, dgT, dh, input_precision=PRECISION, out_dtype=ACC)
-    ho = b64[None, :] * H + j[:, None]
-    dh += tl.load(DY + b64[None, :] * s_dy + j[:, None], mask=m, other=0.0).to(ACC)
+    ho = b[None, :] * H + j[:, None]
+    dh += tl.load(DY + b[None, :] * s_dy + j[:, None], mask=m, other=0.0).to(ACC)
     if HAS_CH:
         dh += tl.load(CH + ho, mask=m, other=0.0)
-    so = b64[None, :] * (H * NSAVE) + j[:, None]
-    go = b64[None, :] * GH + j[:, None]
+    so = b[None, :] * (H * NSAVE) + j[:, None]
+    go = b[None, :] * GH + j[:, None]
     if HAS_LEN:
         live = (t < tl.load(LEN + b, mask=bm, other=0))[None, :]
     ch = dh * 0.0
@@ -193,7 +194,7 @@ def _rnn_step_bwd_kernel(
         z = tl.load(SAVE + so + H, mask=m, other=0.0).to(ACC)
         n = tl.load(SAVE + so + 2 * H, mask=m, other=0.0).to(ACC)
         hn = tl.load(SAVE + so + 3 * H, mask=m, other=0.0).to(ACC)
-        hp = tl.load(HPREV + b64[None, :] * s_hprev + j[:, None], mask=m, other=0.0).to(ACC)
+        hp = tl.load(HPREV + b[None, :] * s_hprev + j[:, None], mask=m, other=0.0).to(ACC)
         d_n = dh * (1.0 - z) * (1.0 - n * n)
         d_z = dh * (hp - n) * z * (1.0 - z)
         d_r = d_n * hn * r * (1.0 - r)
@@ -233,18 +234,38 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def step_config(mode: str, H: int, B: int, K: int, dtype: torch.dtype, device: torch.device) -> dict:
+def step_config(mode: str, H: int, B: int, K: int, dtype: torch.dtype, device: torch.device,
+                backward: bool = False) -> dict:
     """Tile sizes for one step. On a GPU a program owns 64 hidden units (the M side of a
     64-row wgmma; every gate's accumulator in registers) and up to 32 batch rows (64 for
-    the single-accumulator Elman cell); the interpreter takes the smallest tiles tl.dot
-    allows, sized to the problem."""
+    the single-accumulator Elman cell's forward). Dots without tensor cores (float64, and
+    float32 when TF32 is off) hold their operands in registers: 32 units x 16 rows. Sizes
+    that are not multiples of 16 get no vectorized (or async) loads, so every staged element
+    needs its own address: 16 rows, 32-wide K chunks, no double buffering. The interpreter
+    takes the smallest tiles tl.dot allows, sized to the problem."""
     if not _common.gpu_launch(device):
         return dict(BLOCK_H=max(16, min(64, next_pow2(H))), BLOCK_B=max(16, min(64, next_pow2(B))),
                     BLOCK_K=max(16, min(64, next_pow2(K))), num_warps=4)
-    wide = dtype in (torch.float32, torch.float64)
-    cap_b = 64 if GATES[mode] == 1 else (16 if dtype == torch.float64 else 32)
-    return dict(BLOCK_H=32 if dtype == torch.float64 else 64, BLOCK_B=max(16, min(cap_b, next_pow2(B))),
-                BLOCK_K=32 if wide else 64, num_warps=4, num_stages=2)
+    aligned = H % 16 == 0 and K % 16 == 0
+    if dtype == torch.float64:   # gradcheck's dtype: float64 values take two registers each
+        return dict(BLOCK_H=16, BLOCK_B=16, BLOCK_K=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32 and _precision(dtype) == "ieee":
+        return dict(BLOCK_H=32, BLOCK_B=16, BLOCK_K=16, num_warps=4, num_stages=2 if aligned else 1)
+    # The backward's float32 (TF32) tiles hold the reduction operands in float32: 16 rows
+    # (32 spilled under Triton 3.6 with lengths).
+    cap_b = 64 if GATES[mode] == 1 and not backward else (16 if backward and dtype == torch.float32 else 32)
+    return dict(BLOCK_H=64, BLOCK_B=max(16, min(cap_b if aligned else 16, next_pow2(B))),
+                BLOCK_K=(64 if dtype != torch.float32 else 32) if aligned else (32 if dtype != torch.float32 else 16),
+                num_warps=4,
+                num_stages=2 if aligned else 1)
+
+
+def _check_int32(B: int, H: int, K: int) -> None:
+    """The kernels index W_hh and one step's rows (at most (B, 4*H) elements, the saved
+    activations) with int32 offsets: one step of the sequence, never the whole of it."""
+    if max(4 * H * K, B * 4 * max(H, K)) >= 2 ** 31:
+        raise ValueError(f"rnn: batch {B} x hidden {H} (x {K}) is too large for the per-step kernels' 32-bit "
+                         "offsets (one step or W_hh would hold 2**31 elements or more)")
 
 
 def _grid(cfg: dict, H: int, B: int):
@@ -266,6 +287,7 @@ def recurrence_fwd(mode: str, xg: torch.Tensor, h0: torch.Tensor, c0, w_hh: torc
     T, B, GH = xg.shape
     H = GH // GATES[mode]
     K = w_hh.shape[1]
+    _check_int32(B, H, K)
     dev, dtype = xg.device, xg.dtype
     acc = acc_torch_dtype(dtype)
     hseq = empty((T, B, K), dtype=dtype, device=dev)
@@ -321,7 +343,7 @@ def recurrence_bwd(mode: str, d_hseq: torch.Tensor, d_cn, xg_dtype: torch.dtype,
     dhp = empty((T, B, K), dtype=acc, device=dev) if proj else None
     live = (torch.arange(T, device=dev)[:, None] < lengths[None, :]).unsqueeze(-1) if (
         lengths is not None and proj) else None
-    cfg = step_config(mode, H, B, K, dtype, dev)
+    cfg = step_config(mode, H, B, K, dtype, dev, backward=True)
     cfg = dict(BLOCK_H=cfg["BLOCK_H"], BLOCK_B=cfg["BLOCK_B"], BLOCK_R=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
                **({"num_stages": cfg["num_stages"]} if "num_stages" in cfg else {}))
     grid = _grid(cfg, H, B)

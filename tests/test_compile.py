@@ -31,13 +31,19 @@ CASES = {
                       (5, 33), (33,)),
     "linear_cross_entropy": (lambda x, w, b: ops.linear_cross_entropy(x, w, torch.arange(5, device=x.device),
                                                                       b[:, 0], chunk_size=2), (5, 8), (11, 8)),
+    # A 2-layer LSTM (w: W_ih and W_hh of both layers, no biases) and a bidirectional GRU
+    # with per-row lengths: two custom ops per layer and direction, no graph break.
+    "rnn_lstm": (lambda x, w, b: ops.lstm(x, None, [w, b, w * 0.5, b * 0.5], False, 2)[0], (5, 2, 4), (16, 4)),
+    "rnn_gru_lengths": (lambda x, w, b: ops.gru(x, None, [w, b, b, w], False, 1, 0.0, True, True,
+                                                lengths=[4, 1, 3])[0], (4, 3, 4), (12, 4)),
 }
 
 
 # The dispatch op each case must run on the kernel backend (eager), and find as a
 # torch.ops.fastnets custom op in the compiled graph.
 OPS = {"bias_act_swiglu": "bias_act", "conv2d_fused": "conv2d", "batch_norm_pool": "batch_norm",
-       "sdpa": "scaled_dot_product_attention", "rope": "apply_rotary_emb"}
+       "sdpa": "scaled_dot_product_attention", "rope": "apply_rotary_emb", "rnn_lstm": "rnn",
+       "rnn_gru_lengths": "rnn"}
 
 
 def _recording_backend(seen: list):

@@ -27,3 +27,15 @@ def test_synthetic_digits_fallback_is_learnable_shape():
     images, labels = _load("train_cnn").synthetic_digits(n=20)
     assert images.shape == (20, 8, 8) and set(labels.tolist()) == set(range(10))
     assert images.min() >= 0 and images.max() <= 16
+
+
+def test_train_char_lm_smoke_save_resume(tmp_path):
+    lm = _load("train_char_lm")
+    ckpt = tmp_path / "lm.pt"
+    small = ["--embed", "8", "--hidden", "16", "--layers", "1", "--seq-len", "12", "--batch-size", "4",
+             "--no-progress", "--max-chars", "20000"]
+    first = lm.main(small + ["--steps", "2", "--sample", "10", "--save", str(ckpt)])
+    assert first["steps"] == 2 and torch.isfinite(torch.tensor(first["loss"])) and len(first["sample"]) > 10
+    resumed = lm.main(["--resume", str(ckpt), "--steps", "3", "--sample", "0", "--seq-len", "12", "--batch-size", "4",
+                       "--no-progress", "--max-chars", "20000"])
+    assert resumed["steps"] == 3 and torch.isfinite(torch.tensor(resumed["loss"]))

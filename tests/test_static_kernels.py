@@ -47,6 +47,11 @@ SPILL_ALLOWLIST: list = [
      lambda r: r["constants"].get("PREC") == "ieee" and _head_dim(r) > 64 and r["spill_stores"] <= 64),
     ("_flash_attn_bwd_dkdv_kernel", "fp32",
      lambda r: r["constants"].get("PREC") == "ieee" and _head_dim(r) > 128 and r["spill_stores"] <= 64),
+    # float64 recurrent steps exist for gradcheck too: their dots run on FMA units with every
+    # operand at two registers; at the smallest tiles (16 x 16 x 32) a few variants still
+    # spill a few words, under Triton 3.6 more than 3.9.
+    ("_rnn_step_fwd_kernel", "fp64", lambda r: r["spill_stores"] <= 64),
+    ("_rnn_step_bwd_kernel", "fp64", lambda r: r["spill_stores"] <= 64),
 ]
 
 

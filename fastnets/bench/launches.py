@@ -348,6 +348,33 @@ def _transformer_cases(case):
                 loss.cross_entropy_fwd_grad_(logits, t, weight, wsum, meta(1), -100, 0.0, 0.0)
 
 
+def _rnn_cases(case):
+    from fastnets.kernels import rnn
+    # Hidden 256 / 1024 (the benchmark's), 130 (no multiple of 16), batch 8 (one 16-row
+    # tile) and 64; with lengths (packed sequences) and LSTM's projection.
+    for dtype in DTYPES:
+        for tf32 in _precisions(dtype):
+            with _tf32("cudnn", tf32):
+                tag = " tf32" if tf32 else ""
+                for mode, H, B, lengths, proj in itertools.product(
+                        ("LSTM", "GRU", "RNN_TANH", "RNN_RELU"), (256, 1024, 130), (8, 64), (False, True), (0, 128)):
+                    if proj and (mode != "LSTM" or H == 130):
+                        continue
+                    case(f"rnn {mode} H={H} B={B}{' lengths' if lengths else ''}{f' proj={proj}' if proj else ''}{tag}")
+                    G = rnn.GATES[mode]
+                    K = proj or H
+                    xg = meta(2, B, G * H, dtype=dtype)
+                    h0 = meta(B, K, dtype=dtype)
+                    c0 = meta(B, H) if mode == "LSTM" else None
+                    w_hh = meta(G * H, K, dtype=dtype)
+                    b_hn = meta(H, dtype=dtype) if mode == "GRU" else None
+                    w_hr = meta(proj, H, dtype=dtype) if proj else None
+                    lens = meta(B, dtype=torch.int64) if lengths else None
+                    hseq, cseq, save, hraw = rnn.recurrence_fwd(mode, xg, h0, c0, w_hh, b_hn, w_hr, lens, False)
+                    rnn.recurrence_bwd(mode, meta(2, B, K, dtype=dtype), meta(B, H) if c0 is not None else None,
+                                       dtype, h0, c0, w_hh, w_hr, hseq, cseq, save, hraw, lens, False)
+
+
 FAMILIES = {
     "norm": _norm_cases,
     "activation": _activation_cases,
@@ -355,6 +382,7 @@ FAMILIES = {
     "bn_pool": _bn_pool_cases,
     "attention": _attention_cases,
     "transformer": _transformer_cases,
+    "rnn": _rnn_cases,
 }
 
 

@@ -1,13 +1,15 @@
 """Full models built on fastnets.nn: ResNet (torchvision layout), VGG, SimpleCNN, GPT, BERT,
-T5, and transfer-learning helpers (fastnets.models.transfer)."""
+T5, a character-level LSTM / GRU language model and a sequence classifier, and
+transfer-learning helpers (fastnets.models.transfer)."""
 from . import transfer
 from .bert import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
 from .gpt import GPT, GPTConfig, KVCache
+from .rnn import CharLM, CharLMConfig, CharVocab, SequenceClassifier, python_text
 from .resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50, resnet101
 from .simple_cnn import SimpleCNN
 from .t5 import T5Config, T5ForConditionalGeneration
 from .vgg import VGG, vgg11, vgg11_bn, vgg16
 
 __all__ = ["BasicBlock", "BertConfig", "BertForMaskedLM", "BertForSequenceClassification", "BertModel", "Bottleneck",
-           "GPT", "GPTConfig", "KVCache", "ResNet", "SimpleCNN", "T5Config", "T5ForConditionalGeneration", "VGG",
-           "resnet18", "resnet34", "resnet50", "resnet101", "transfer", "vgg11", "vgg11_bn", "vgg16"]
+           "CharLM", "CharLMConfig", "CharVocab", "GPT", "GPTConfig", "KVCache", "ResNet", "SequenceClassifier", "SimpleCNN", "T5Config", "T5ForConditionalGeneration", "VGG",
+           "python_text", "resnet18", "resnet34", "resnet50", "resnet101", "transfer", "vgg11", "vgg11_bn", "vgg16"]

@@ -347,28 +347,31 @@ def rnn(mode: str, input, hx, weights: Sequence[Tensor], has_biases: bool = True
 
 
 def lstm(input, hx, weights, has_biases=True, num_layers=1, dropout=0.0, train=True, bidirectional=False,
-         batch_first=False, *, proj_size=0):
+         batch_first=False, *, proj_size=0, lengths=None):
     """torch.nn.LSTM's computation (see `rnn`); returns (output, (h_n, c_n))."""
     return rnn("LSTM", input, hx, weights, has_biases, num_layers, dropout, train, bidirectional, batch_first,
-               proj_size=proj_size)
+               proj_size=proj_size, lengths=lengths)
 
 
 def gru(input, hx, weights, has_biases=True, num_layers=1, dropout=0.0, train=True, bidirectional=False,
-        batch_first=False):
+        batch_first=False, *, lengths=None):
     """torch.nn.GRU's computation (see `rnn`); returns (output, h_n)."""
-    return rnn("GRU", input, hx, weights, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+    return rnn("GRU", input, hx, weights, has_biases, num_layers, dropout, train, bidirectional, batch_first,
+               lengths=lengths)
 
 
 def rnn_tanh(input, hx, weights, has_biases=True, num_layers=1, dropout=0.0, train=True, bidirectional=False,
-             batch_first=False):
+             batch_first=False, *, lengths=None):
     """torch.nn.RNN(nonlinearity='tanh')'s computation (see `rnn`); returns (output, h_n)."""
-    return rnn("RNN_TANH", input, hx, weights, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+    return rnn("RNN_TANH", input, hx, weights, has_biases, num_layers, dropout, train, bidirectional, batch_first,
+               lengths=lengths)
 
 
 def rnn_relu(input, hx, weights, has_biases=True, num_layers=1, dropout=0.0, train=True, bidirectional=False,
-             batch_first=False):
+             batch_first=False, *, lengths=None):
     """torch.nn.RNN(nonlinearity='relu')'s computation (see `rnn`); returns (output, h_n)."""
-    return rnn("RNN_RELU", input, hx, weights, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+    return rnn("RNN_RELU", input, hx, weights, has_biases, num_layers, dropout, train, bidirectional, batch_first,
+               lengths=lengths)
 
 
 # --- cells -------------------------------------------------------------------------------------------------
