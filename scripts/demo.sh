@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: set up (scripts/env.sh), report the backends, run the end-to-end swap demo,
-# train a CNN on the digits data and a small GPT on Python's own sources (full short runs on
+# train a CNN on the digits data, a small GPT and a char-level LSTM on Python's own sources (full short runs on
 # a GPU; a few interpreted steps on a CPU), then, on a GPU, the quick benchmark; without one,
 # the static kernel report (every kernel compiled for Hopper: registers, spills, tensor
 # cores, occupancy), which is what can be known about the kernels' speed there. The
@@ -19,10 +19,13 @@ if [ "$GPU" = 1 ]; then
   python examples/train_cnn.py --epochs 5 --channels-last --amp
   python examples/train_gpt.py --config tiny --n-layer 4 --n-embd 256 --n-head 4 --seq-len 256 --batch-size 32 \
     --steps 300 --amp --sample 200
+  python examples/train_char_lm.py --hidden 512 --steps 300 --amp --sample 200
 else
   python examples/train_cnn.py --epochs 1 --max-steps 4 --width 8 --size 8 --batch-size 32 --max-eval 128
   python examples/train_gpt.py --n-layer 1 --n-embd 32 --n-head 2 --seq-len 32 --batch-size 4 --steps 3 \
     --eval-every 0 --sample 16
+  python examples/train_char_lm.py --embed 16 --hidden 32 --layers 2 --seq-len 32 --batch-size 8 --steps 3 \
+    --sample 40 --no-progress
 fi
 if [ "$GPU" = 1 ]; then
   python -m fastnets bench --quick --out "${FASTNETS_BENCH_OUT:-bench-out}" "$@"
