@@ -52,17 +52,30 @@ def _gate_dot(acc, W, row0, j, jm, hT, k, km, K, PRECISION: tl.constexpr):
     return acc + tl.dot(w, hT, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
-# The step index only gates lengths: not specialized (t == 1 would otherwise compile anew).
-@triton.jit(do_not_specialize=["t"])
+# Whole buffers and step / slot indices are passed, never per-step views: slicing tensors
+# for every launch costs the host more than a small step costs the GPU. The indices change
+# every step, so they are not specialized (t == 1 would otherwise compile anew).
+@triton.jit(do_not_specialize=["t", "rd", "wr", "ho_slot"])
 def _rnn_step_fwd_kernel(
-    XG, HP, W, BHN, CP,      # XG: (B, G*H) this step's input projection; HP: (B, K) state; W: (G*H, K) W_hh;
-                             # BHN: (H,) GRU b_hn; CP: (B, H) float32 cell state (LSTM)
-    HO, CO, SAVE, LEN,       # HO: (B, H) new h (unprojected when PROJ); CO: (B, H) new c; SAVE: (B, S*H); LEN: (B,)
-    t, B, H, K, s_xg, s_hp, s_ho,
-    CELL: tl.constexpr, NSAVE: tl.constexpr, HAS_BHN: tl.constexpr, HAS_LEN: tl.constexpr, PROJ: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    XG, HBUF, W, BHN, CBUF,  # XG: (T, B, G*H) input projections; HBUF: (T+1, B, K) states, slot rd read;
+                             # W: (G*H, K) W_hh; BHN: (H,) GRU b_hn; CBUF: (T+1, B, H) float32 cell states
+    HO, SAVE, LEN,           # HO: (slots, B, H) where h goes (HBUF, or the unprojected output when PROJ);
+                             # SAVE: (T, B, S*H) activations for the backward; LEN: (B,) lengths
+    t, rd, wr, ho_slot, B, H, K,
+    CELL: tl.constexpr, NGATE: tl.constexpr, NSAVE: tl.constexpr, HAS_BHN: tl.constexpr, HAS_LEN: tl.constexpr,
+    PROJ: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # One step's slice of each buffer (int64: T * B * G*H may pass 2**31; within a step int32).
+    XG += t.to(tl.int64) * B * H * NGATE
+    HP = HBUF + rd.to(tl.int64) * B * K
+    SAVE += t.to(tl.int64) * B * H * NSAVE
+    HO += ho_slot.to(tl.int64) * B * H
+    CP = CBUF + rd.to(tl.int64) * B * H
+    CO = CBUF + wr.to(tl.int64) * B * H
+    s_xg = H * NGATE
+    s_hp = K
+    s_ho = H
     j = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     jm = j < H
@@ -129,23 +142,39 @@ def _rnn_step_fwd_kernel(
     tl.store(HO + ho, h.to(HO.dtype.element_ty), mask=m)
 
 
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["t", "rd", "wr", "nxt", "dy_slot", "par"])
 def _rnn_step_bwd_kernel(
-    DGN, W, DY, CH, CC,      # DGN: (B, G*H) hidden-side gate grads of the next-processed step; W: (G*H, K);
-                             # DY: (B, H) gradient of h_t from the output; CH, CC: (B, H) float32 carries
-    SAVE, CT, CPREV, HPREV,  # saved activations (B, S*H); c_t, c_{t-1} (B, H) float32; h_{t-1} (B, H)
-    DGX, DGH, CH_OUT, CC_OUT, LEN,
-    t, B, H, K, s_dy, s_hprev,
+    DGH, W, DY, CHB, CCB,    # DGH: (T, B, G*H) hidden-side gate grads, step nxt read (HAS_GEMM), step t written
+                             # (GRU); W: (G*H, K); DY: (slots, B, H) gradient of h_t from the output, slot
+                             # dy_slot; CHB, CCB: (2, B, H) float32 carries, half par read, the other written
+    SAVE, CBUF, HBUF, DGX, LEN,   # saved activations (T, B, S*H); c (T+1, B, H) float32; h (T+1, B, K);
+                                  # DGX: (T, B, G*H) input-side gate grads, step t written
+    t, rd, wr, nxt, dy_slot, par, B, H, K,
     CELL: tl.constexpr, NGATE: tl.constexpr, NSAVE: tl.constexpr, HAS_GEMM: tl.constexpr, HAS_CH: tl.constexpr,
     HAS_LEN: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    GH = H * NGATE
+    step = B * GH
+    DGN = DGH + nxt.to(tl.int64) * step
+    DGX += t.to(tl.int64) * step
+    DGH += t.to(tl.int64) * step
+    DY += dy_slot.to(tl.int64) * B * H
+    SAVE += t.to(tl.int64) * B * H * NSAVE
+    CT = CBUF + wr.to(tl.int64) * B * H
+    CPREV = CBUF + rd.to(tl.int64) * B * H
+    HPREV = HBUF + rd.to(tl.int64) * B * K
+    CH = CHB + par * B * H
+    CH_OUT = CHB + (1 - par) * B * H
+    CC = CCB + par * B * H
+    CC_OUT = CCB + (1 - par) * B * H
+    s_dy = H
+    s_hprev = K
     j = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
     b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     jm = j < H
     bm = b < B
     m = jm[:, None] & bm[None, :]
-    GH = H * NGATE
     # dh^T (BLOCK_H, BLOCK_B) = W_hh[:, j]^T @ dgn^T: the reduction runs over every gate row.
     dh = tl.zeros((BLOCK_H, BLOCK_B), dtype=ACC)
     if HAS_GEMM:
@@ -276,22 +305,36 @@ def _steps(T: int, reverse: bool):
     return range(T - 1, -1, -1) if reverse else range(T)
 
 
+def _slots(t: int, reverse: bool) -> tuple[int, int]:
+    """(read, write) slots of step t in a (T+1)-slot state buffer: forward runs slot t -> t+1
+    from h0 in slot 0, reverse runs slot t+1 -> t from h0 in slot T."""
+    return (t + 1, t) if reverse else (t, t + 1)
+
+
 def recurrence_fwd(mode: str, xg: torch.Tensor, h0: torch.Tensor, c0, w_hh: torch.Tensor, b_hn, w_hr,
                    lengths, reverse: bool):
     """The forward recurrence of one layer and direction, one fused launch per step.
 
     xg: (T, B, G*H) contiguous; h0: (B, K); c0: (B, H) float32 (LSTM) or None; w_hh:
     (G*H, K) contiguous; b_hn: (H,) or None; w_hr: (P, H) or None; lengths: (B,) int64 on
-    xg's device or None. Returns hseq (T, B, K) in xg's dtype, cseq (T, B, H) float32 (LSTM,
-    else None), save (T, B, S*H) and hraw (T, B, H) (the unprojected output, proj only)."""
+    xg's device or None. Returns hbuf (T+1, B, K) in xg's dtype: the state before and after
+    every step (`_slots`: h0 in slot 0, or slot T in reverse), cbuf (T+1, B, H) float32 the
+    same for LSTM's cell (else None), save (T, B, S*H) and hraw (T, B, H) (the unprojected
+    output, proj only)."""
     T, B, GH = xg.shape
-    H = GH // GATES[mode]
+    G = GATES[mode]
+    H = GH // G
     K = w_hh.shape[1]
     _check_int32(B, H, K)
     dev, dtype = xg.device, xg.dtype
     acc = acc_torch_dtype(dtype)
-    hseq = empty((T, B, K), dtype=dtype, device=dev)
-    cseq = empty((T, B, H), dtype=acc, device=dev) if mode == "LSTM" else None
+    first = T if reverse else 0
+    hbuf = empty((T + 1, B, K), dtype=dtype, device=dev)
+    hbuf[first] = h0
+    cbuf = None
+    if mode == "LSTM":
+        cbuf = empty((T + 1, B, H), dtype=acc, device=dev)
+        cbuf[first] = c0
     save = empty((T, B, SAVED[mode] * H), dtype=dtype, device=dev)
     hraw = empty((T, B, H), dtype=dtype, device=dev) if w_hr is not None else None
     live = (torch.arange(T, device=dev)[:, None] < lengths[None, :]).unsqueeze(-1) if (
@@ -299,46 +342,46 @@ def recurrence_fwd(mode: str, xg: torch.Tensor, h0: torch.Tensor, c0, w_hh: torc
     cfg = step_config(mode, H, B, K, dtype, dev)
     grid = _grid(cfg, H, B)
     dummy = xg   # stands for pointers a specialization never reads
-    prev = None
+    consts = dict(CELL=CELLS[mode], NGATE=G, NSAVE=SAVED[mode], HAS_BHN=b_hn is not None,
+                  HAS_LEN=lengths is not None, PROJ=w_hr is not None, ACC=acc_dtype(dtype),
+                  PRECISION=_precision(dtype), **cfg)
+    ho = hraw if hraw is not None else hbuf
+    cb = cbuf if cbuf is not None else dummy
+    bhn = b_hn if b_hn is not None else dummy
+    lens = lengths if lengths is not None else dummy
     for t in _steps(T, reverse):
-        hp = h0 if prev is None else hseq[prev]
-        cp = (c0 if prev is None else cseq[prev]) if cseq is not None else dummy
-        ho = hraw[t] if hraw is not None else hseq[t]
-        _rnn_step_fwd_kernel[grid](
-            xg[t], hp, w_hh, b_hn if b_hn is not None else dummy, cp,
-            ho, cseq[t] if cseq is not None else dummy, save[t], lengths if lengths is not None else dummy,
-            t, B, H, K, xg.stride(1), hp.stride(0), ho.stride(0),
-            CELL=CELLS[mode], NSAVE=SAVED[mode], HAS_BHN=b_hn is not None, HAS_LEN=lengths is not None, PROJ=w_hr is not None,
-            ACC=acc_dtype(dtype), PRECISION=_precision(dtype), **cfg)
+        rd, wr = _slots(t, reverse)
+        _rnn_step_fwd_kernel[grid](xg, hbuf, w_hh, bhn, cb, ho, save, lens, t, rd, wr,
+                                   t if hraw is not None else wr, B, H, K, **consts)
         if w_hr is not None:
-            torch.mm(hraw[t], w_hr.t(), out=hseq[t])
+            torch.mm(hraw[t], w_hr.t(), out=hbuf[wr])
             if live is not None:
-                hseq[t] = torch.where(live[t], hseq[t], hp)
-        prev = t
-    return hseq, cseq, save, hraw
+                hbuf[wr] = torch.where(live[t], hbuf[wr], hbuf[rd])
+    return hbuf, cbuf, save, hraw
 
 
-def recurrence_bwd(mode: str, d_hseq: torch.Tensor, d_cn, xg_dtype: torch.dtype, h0: torch.Tensor, c0,
-                   w_hh: torch.Tensor, w_hr, hseq: torch.Tensor, cseq, save: torch.Tensor, hraw, lengths,
-                   reverse: bool):
+def recurrence_bwd(mode: str, d_hbuf: torch.Tensor, d_cn, w_hh: torch.Tensor, w_hr,
+                   hbuf: torch.Tensor, cbuf, save: torch.Tensor, hraw, lengths, reverse: bool):
     """Backward through time of one layer and direction.
 
-    d_hseq: (T, B, K) gradient of every step's state (the layer output and h_n together);
-    d_cn: (B, H) gradient of c_n or None. Returns (dxg (T, B, G*H) in the input dtype, dgh
-    (the hidden-side gate gradients, dxg itself except for GRU), dh0 (B, K) float32, dc0
-    (B, H) float32 or None, dhp (T, B, P) float32 gradients of the projected states, proj only)."""
-    T, B, K = hseq.shape
+    d_hbuf: (T+1, B, K) gradient of every step's state (the layer output and h_n together;
+    the h0 slot is ignored); d_cn: (B, H) gradient of c_n or None. Returns (dxg (T, B, G*H)
+    in the input dtype, dgh (the hidden-side gate gradients: dxg itself except for GRU), dh0
+    (B, K) float32, dc0 (B, H) float32 or None, dhp (T, B, P) float32 gradients of the
+    projected states, proj only)."""
+    T, B, K = hbuf.shape[0] - 1, hbuf.shape[1], hbuf.shape[2]
     G = GATES[mode]
     H = save.shape[2] // SAVED[mode]
-    dev, dtype = hseq.device, xg_dtype
+    dev, dtype = hbuf.device, hbuf.dtype
     acc = acc_torch_dtype(dtype)
     dxg = empty((T, B, G * H), dtype=dtype, device=dev)
     dgh = empty((T, B, G * H), dtype=dtype, device=dev) if mode == "GRU" else dxg
     proj = w_hr is not None
-    # Carries ping-pong between two buffers: step t reads what step t+1 wrote.
-    ch = [torch.zeros((B, H), dtype=acc, device=dev), empty((B, H), dtype=acc, device=dev)]
-    cc = ([d_cn.to(acc, memory_format=torch.contiguous_format, copy=True) if d_cn is not None else torch.zeros((B, H), dtype=acc, device=dev),
-           empty((B, H), dtype=acc, device=dev)] if mode == "LSTM" else [ch[0], ch[0]])
+    # Carries ping-pong between the two halves: step t reads what step t+1 wrote.
+    chb = torch.zeros((2, B, H), dtype=acc, device=dev)
+    ccb = torch.zeros((2, B, H), dtype=acc, device=dev) if mode == "LSTM" else chb
+    if d_cn is not None and mode == "LSTM":
+        ccb[0] = d_cn
     chp = torch.zeros((B, K), dtype=acc, device=dev) if proj else None
     dhp = empty((T, B, K), dtype=acc, device=dev) if proj else None
     live = (torch.arange(T, device=dev)[:, None] < lengths[None, :]).unsqueeze(-1) if (
@@ -349,43 +392,35 @@ def recurrence_bwd(mode: str, d_hseq: torch.Tensor, d_cn, xg_dtype: torch.dtype,
     grid = _grid(cfg, H, B)
     w_acc = w_hh.to(acc)
     wr_acc = w_hr.to(acc) if proj else None
+    consts = dict(CELL=CELLS[mode], NGATE=G, NSAVE=SAVED[mode], HAS_CH=not proj, HAS_LEN=lengths is not None,
+                  ACC=acc_dtype(dtype), PRECISION=_precision(dtype), **cfg)
+    cb = cbuf if cbuf is not None else hbuf
+    lens = lengths if lengths is not None else hbuf
+    dy_proj = torch.empty((1, B, H), dtype=acc, device=dev) if proj else None
     order = list(_steps(T, not reverse))   # backward: the reverse of the processing order
-    nxt = None
-    for n, t in enumerate(order):
-        prev = order[n + 1] if n + 1 < len(order) else None
-        hprev = h0 if prev is None else hseq[prev]
+    nxt, par = None, 0
+    for t in order:
+        rd, wr = _slots(t, reverse)
         if proj:
             # The state is W_hr h_raw: its gradient (P-dim) gets the hidden-side GEMM here, then
             # goes back through W_hr to the cell's output.
-            dh_p = d_hseq[t].to(acc) + chp
+            dh_p = d_hbuf[wr].to(acc) + chp
             if nxt is not None:
                 dh_p.addmm_(dgh[nxt].to(acc), w_acc)
             if live is not None:
                 chp = torch.where(live[t], torch.zeros_like(dh_p), dh_p)
                 dh_p = torch.where(live[t], dh_p, torch.zeros_like(dh_p))
             dhp[t] = dh_p
-            dy = dh_p @ wr_acc
-            s_dy = dy.stride(0)
+            torch.mm(dh_p, wr_acc, out=dy_proj[0])
+            dy, dy_slot = dy_proj, 0
         else:
-            dy, s_dy = d_hseq[t], d_hseq.stride(1)
-        cprev = (c0 if prev is None else cseq[prev]) if cseq is not None else dy
-        _rnn_step_bwd_kernel[grid](
-            dgh[nxt] if nxt is not None else dy, w_hh, dy, ch[0], cc[0],
-            save[t], cseq[t] if cseq is not None else dy, cprev, hprev,
-            dxg[t], dgh[t], ch[1], cc[1], lengths if lengths is not None else dy,
-            t, B, H, K, s_dy, hprev.stride(0),
-            CELL=CELLS[mode], NGATE=G, NSAVE=SAVED[mode], HAS_GEMM=nxt is not None and not proj,
-            HAS_CH=not proj, HAS_LEN=lengths is not None, ACC=acc_dtype(dtype),
-            PRECISION=_precision(dtype), **cfg)
-        ch.reverse()
-        if mode == "LSTM":
-            cc.reverse()
+            dy, dy_slot = d_hbuf, wr
+        _rnn_step_bwd_kernel[grid](dgh, w_hh, dy, chb, ccb, save, cb, hbuf, dxg, lens,
+                                   t, rd, wr, nxt if nxt is not None else 0, dy_slot, par, B, H, K,
+                                   HAS_GEMM=nxt is not None and not proj, **consts)
+        par ^= 1
         nxt = t
     # The first-processed step's hidden-side gradients reach h0 through W_hh.
-    first = order[-1]
-    if proj:
-        dh0 = chp.addmm(dgh[first].to(acc), w_acc)
-    else:
-        dh0 = ch[0].addmm(dgh[first].to(acc), w_acc)
-    dc0 = cc[0] if mode == "LSTM" else None
+    dh0 = (chp if proj else chb[par]).addmm(dgh[order[-1]].to(acc), w_acc)
+    dc0 = ccb[par] if mode == "LSTM" else None
     return dxg, dgh, dh0, dc0, dhp

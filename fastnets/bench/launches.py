@@ -370,9 +370,9 @@ def _rnn_cases(case):
                     b_hn = meta(H, dtype=dtype) if mode == "GRU" else None
                     w_hr = meta(proj, H, dtype=dtype) if proj else None
                     lens = meta(B, dtype=torch.int64) if lengths else None
-                    hseq, cseq, save, hraw = rnn.recurrence_fwd(mode, xg, h0, c0, w_hh, b_hn, w_hr, lens, False)
-                    rnn.recurrence_bwd(mode, meta(2, B, K, dtype=dtype), meta(B, H) if c0 is not None else None,
-                                       dtype, h0, c0, w_hh, w_hr, hseq, cseq, save, hraw, lens, False)
+                    hbuf, cbuf, save, hraw = rnn.recurrence_fwd(mode, xg, h0, c0, w_hh, b_hn, w_hr, lens, False)
+                    rnn.recurrence_bwd(mode, meta(3, B, K, dtype=dtype), meta(B, H) if c0 is not None else None,
+                                       w_hh, w_hr, hbuf, cbuf, save, hraw, lens, False)
 
 
 FAMILIES = {

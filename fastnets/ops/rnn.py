@@ -55,16 +55,18 @@ def _empty(like: Tensor) -> Tensor:
 def _recurrence(xg: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor, b_hn: Optional[Tensor],
                 w_hr: Optional[Tensor], lengths: Optional[Tensor], mode: str,
                 reverse: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(hseq, c_n, cseq, save, hraw); absent ones (non-LSTM c_n / cseq, hraw without proj) empty."""
+    """(hbuf, c_n, cbuf, save, hraw): hbuf (T+1, B, K) holds h0 and the state after every
+    step (h0 in slot 0, or slot T in reverse), cbuf the same for LSTM's float32 cell state;
+    absent ones (non-LSTM c_n / cbuf, hraw without proj) are empty."""
     from . import rnn_persistent
     acc = _acc(xg.dtype)
     c0a = c0.to(acc).contiguous() if c0 is not None else None
     out = rnn_persistent.maybe_run(mode, xg, h0, c0a, w_hh, b_hn, w_hr, lengths, reverse)
     if out is None:
         out = _rnn_kernels().recurrence_fwd(mode, xg, h0, c0a, w_hh, b_hn, w_hr, lengths, reverse)
-    hseq, cseq, save, hraw = out
-    c_n = (cseq[0] if reverse else cseq[-1]).to(xg.dtype, copy=True) if cseq is not None else _empty(xg)
-    return hseq, c_n, (cseq if cseq is not None else _empty(xg)), save, (hraw if hraw is not None else _empty(xg))
+    hbuf, cbuf, save, hraw = out
+    c_n = (cbuf[0] if reverse else cbuf[-1]).to(xg.dtype, copy=True) if cbuf is not None else _empty(xg)
+    return hbuf, c_n, (cbuf if cbuf is not None else _empty(xg)), save, (hraw if hraw is not None else _empty(xg))
 
 
 @_recurrence.register_fake
@@ -73,62 +75,62 @@ def _(xg, h0, c0, w_hh, b_hn, w_hr, lengths, mode, reverse):
     H = GH // GATES[mode]
     K = w_hh.shape[1]
     lstm = mode == "LSTM"
-    return (xg.new_empty((T, B, K)), xg.new_empty((B, H) if lstm else (0,)),
-            xg.new_empty((T, B, H) if lstm else (0,), dtype=_acc(xg.dtype)),
+    return (xg.new_empty((T + 1, B, K)), xg.new_empty((B, H) if lstm else (0,)),
+            xg.new_empty((T + 1, B, H) if lstm else (0,), dtype=_acc(xg.dtype)),
             xg.new_empty((T, B, (4 if mode in ("LSTM", "GRU") else 1) * H)),
             xg.new_empty((T, B, H) if w_hr is not None else (0,)))
 
 
 @torch.library.custom_op("fastnets::rnn_recurrence_bwd", mutates_args=())
-def _recurrence_bwd(d_hseq: Tensor, d_cn: Optional[Tensor], h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
-                    b_hn: Optional[Tensor], w_hr: Optional[Tensor], hseq: Tensor, cseq: Optional[Tensor],
+def _recurrence_bwd(d_hbuf: Tensor, d_cn: Optional[Tensor], c0: Optional[Tensor], w_hh: Tensor,
+                    b_hn: Optional[Tensor], w_hr: Optional[Tensor], hbuf: Tensor, cbuf: Optional[Tensor],
                     save: Tensor, hraw: Optional[Tensor], lengths: Optional[Tensor], mode: str,
                     reverse: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dxg, dh0, dc0, dw_hh, db_hn, dw_hr); absent ones empty."""
-    acc = _acc(hseq.dtype)
-    c0a = c0.to(acc).contiguous() if c0 is not None else None
+    acc = _acc(hbuf.dtype)
     dxg, dgh, dh0, dc0, dhp = _rnn_kernels().recurrence_bwd(
-        mode, d_hseq.contiguous(), d_cn, hseq.dtype, h0, c0a, w_hh, w_hr, hseq, cseq, save, hraw, lengths, reverse)
-    T, B, K = hseq.shape
+        mode, d_hbuf.contiguous(), d_cn, w_hh, w_hr, hbuf, cbuf, save, hraw, lengths, reverse)
+    T, B, K = dxg.shape[0], hbuf.shape[1], hbuf.shape[2]
     H = w_hh.shape[0] // GATES[mode]
-    # The state each step read: h0, then the states in processing order.
-    hprev = torch.cat([hseq[1:], h0[None]]) if reverse else torch.cat([h0[None], hseq[:-1]])
+    # The state each step read: slots 0..T-1 forward, 1..T in reverse (a view, no copy).
+    hprev = hbuf[1:] if reverse else hbuf[:-1]
     # dW_hh: one GEMM over all (step, row) pairs; rows past a sequence's end carry zero gradient.
     dw_hh = (dgh.reshape(T * B, -1).t() @ hprev.reshape(T * B, K)).to(w_hh.dtype)
-    db_hn = dgh[..., 2 * H:].sum((0, 1), dtype=acc).to(b_hn.dtype) if b_hn is not None else _empty(hseq)
+    db_hn = dgh[..., 2 * H:].sum((0, 1), dtype=acc).to(b_hn.dtype) if b_hn is not None else _empty(hbuf)
     dw_hr = ((dhp.reshape(T * B, -1).t() @ hraw.reshape(T * B, H).to(acc)).to(w_hr.dtype)
-             if w_hr is not None else _empty(hseq))
-    return (dxg, dh0.to(h0.dtype), dc0.to(c0.dtype) if c0 is not None else _empty(hseq), dw_hh, db_hn, dw_hr)
+             if w_hr is not None else _empty(hbuf))
+    return (dxg, dh0.to(hbuf.dtype), dc0.to(c0.dtype) if c0 is not None else _empty(hbuf), dw_hh, db_hn, dw_hr)
 
 
 @_recurrence_bwd.register_fake
-def _(d_hseq, d_cn, h0, c0, w_hh, b_hn, w_hr, hseq, cseq, save, hraw, lengths, mode, reverse):
-    T, B, _ = hseq.shape
-    return (hseq.new_empty((T, B, w_hh.shape[0])), torch.empty_like(h0),
-            torch.empty_like(c0) if c0 is not None else hseq.new_empty((0,)), torch.empty_like(w_hh),
-            torch.empty_like(b_hn) if b_hn is not None else hseq.new_empty((0,)),
-            torch.empty_like(w_hr) if w_hr is not None else hseq.new_empty((0,)))
+def _(d_hbuf, d_cn, c0, w_hh, b_hn, w_hr, hbuf, cbuf, save, hraw, lengths, mode, reverse):
+    T, B, K = hbuf.shape[0] - 1, hbuf.shape[1], hbuf.shape[2]
+    return (hbuf.new_empty((T, B, w_hh.shape[0])), hbuf.new_empty((B, K)),
+            torch.empty_like(c0) if c0 is not None else hbuf.new_empty((0,)), torch.empty_like(w_hh),
+            torch.empty_like(b_hn) if b_hn is not None else hbuf.new_empty((0,)),
+            torch.empty_like(w_hr) if w_hr is not None else hbuf.new_empty((0,)))
 
 
 def _recurrence_setup(ctx, inputs, output):
     xg, h0, c0, w_hh, b_hn, w_hr, lengths, mode, reverse = inputs
-    hseq, _, cseq, save, hraw = output
-    ctx.save_for_backward(h0, c0, w_hh, b_hn, w_hr, hseq, cseq if mode == "LSTM" else None, save,
+    hbuf, _, cbuf, save, hraw = output
+    ctx.save_for_backward(c0, w_hh, b_hn, w_hr, hbuf, cbuf if mode == "LSTM" else None, save,
                           hraw if w_hr is not None else None, lengths)
     ctx.args = (mode, reverse)
+    ctx.h0_dtype = h0.dtype
 
 
-def _recurrence_backward(ctx, d_hseq, d_cn, _d_cseq, _d_save, _d_hraw):
-    h0, c0, w_hh, b_hn, w_hr, hseq, cseq, save, hraw, lengths = ctx.saved_tensors
+def _recurrence_backward(ctx, d_hbuf, d_cn, _d_cbuf, _d_save, _d_hraw):
+    c0, w_hh, b_hn, w_hr, hbuf, cbuf, save, hraw, lengths = ctx.saved_tensors
     mode, reverse = ctx.args
-    if d_hseq is None:
-        d_hseq = torch.zeros_like(hseq)
+    if d_hbuf is None:
+        d_hbuf = torch.zeros_like(hbuf)
     if d_cn is not None and d_cn.numel() == 0:
         d_cn = None
     dxg, dh0, dc0, dw_hh, db_hn, dw_hr = torch.ops.fastnets.rnn_recurrence_bwd(
-        d_hseq, d_cn, h0, c0, w_hh, b_hn, w_hr, hseq, cseq, save, hraw, lengths, mode, reverse)
-    return (dxg, dh0, dc0 if c0 is not None else None, dw_hh, db_hn if b_hn is not None else None,
-            dw_hr if w_hr is not None else None, None, None, None)
+        d_hbuf, d_cn, c0, w_hh, b_hn, w_hr, hbuf, cbuf, save, hraw, lengths, mode, reverse)
+    return (dxg, dh0.to(ctx.h0_dtype), dc0 if c0 is not None else None, dw_hh,
+            db_hn if b_hn is not None else None, dw_hr if w_hr is not None else None, None, None, None)
 
 
 _recurrence.register_autograd(_recurrence_backward, setup_context=_recurrence_setup)
@@ -157,10 +159,11 @@ def _layer(mode: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih, w_hh, b
     """(hseq (T, B, K), h_n, c_n) of one layer and direction."""
     xg, b_hn = _project(mode, x, w_ih, b_ih, b_hh)
     if kernel:
-        hseq, c_n, _, _, _ = torch.ops.fastnets.rnn_recurrence(xg.contiguous(), h0.contiguous(),
+        hbuf, c_n, _, _, _ = torch.ops.fastnets.rnn_recurrence(xg.contiguous(), h0.contiguous(),
                                                                 c0.contiguous() if c0 is not None else None,
                                                                 w_hh.contiguous(), b_hn, w_hr, lengths, mode,
                                                                 reverse)
+        hseq = hbuf[:-1] if reverse else hbuf[1:]
         c_n = c_n if mode == "LSTM" else None
     else:
         hseq, c_n = reference.rnn.recurrence(mode, xg, h0, c0, w_hh, b_hn, w_hr, lengths, reverse)

@@ -187,11 +187,20 @@ def maybe_run(mode: str, xg: torch.Tensor, h0: torch.Tensor, c0, w_hh: torch.Ten
     if how is None:
         return None
     from ..kernels._common import empty
-    hseq = empty((T, B, H), dtype=xg.dtype, device=xg.device)
-    cseq = empty((T, B, H), dtype=torch.float32, device=xg.device) if mode == "LSTM" else None
+    # The per-step path's buffers: (T+1) state slots with h0 / c0 in slot 0 (slot T in reverse).
+    first = T if reverse else 0
+    hbuf = empty((T + 1, B, H), dtype=xg.dtype, device=xg.device)
+    hbuf[first] = h0
+    hseq = hbuf[:T] if reverse else hbuf[1:]
+    cbuf = cseq = None
+    if mode == "LSTM":
+        cbuf = empty((T + 1, B, H), dtype=torch.float32, device=xg.device)
+        cbuf[first] = c0
+        cseq = cbuf[:T] if reverse else cbuf[1:]
+        c0 = cbuf[first]
+    h0 = hbuf[first]
     save = empty((T, B, SAVED[mode] * H), dtype=xg.dtype, device=xg.device)
     barrier = torch.zeros(2, dtype=torch.int32, device=xg.device)
-    h0 = h0.contiguous()
     w_hh = w_hh.contiguous()
     if how == "cuda_ext":
         from .. import _ext
@@ -203,4 +212,4 @@ def maybe_run(mode: str, xg: torch.Tensor, h0: torch.Tensor, c0, w_hh: torch.Ten
     runs[how] += 1
     if not torch.compiler.is_compiling():
         _dispatch.calls[("rnn", "cuda")] += 1
-    return hseq, cseq, save, None
+    return hbuf, cbuf, save, None
