@@ -55,22 +55,37 @@ def _gate_dot(acc, W, row0, j, jm, hT, k, km, K, PRECISION: tl.constexpr):
 # Whole buffers and step / slot indices are passed, never per-step views: slicing tensors
 # for every launch costs the host more than a small step costs the GPU. The indices change
 # every step, so they are not specialized (t == 1 would otherwise compile anew).
-@triton.jit(do_not_specialize=["t", "rd", "wr", "ho_slot"])
+@triton.jit(do_not_specialize=["s"])
 def _rnn_step_fwd_kernel(
-    XG, HBUF, W, BHN, CBUF,  # XG: (T, B, G*H) input projections; HBUF: (T+1, B, K) states, slot rd read;
-                             # W: (G*H, K) W_hh; BHN: (H,) GRU b_hn; CBUF: (T+1, B, H) float32 cell states
-    HO, SAVE, LEN,           # HO: (slots, B, H) where h goes (HBUF, or the unprojected output when PROJ);
-                             # SAVE: (T, B, S*H) activations for the backward; LEN: (B,) lengths
-    t, rd, wr, ho_slot, B, H, K,
+    XG, HBUF, W, BHN, CBUF,  # per direction d: XG (T, B, G*H) input projections; HBUF (T+1, B, K) states;
+                             # W (G*H, K) W_hh; BHN (H,) GRU b_hn; CBUF (T+1, B, H) float32 cell states
+    HRAW, SAVE, LEN,         # HRAW (T, B, H) the unprojected output (PROJ); SAVE (T, B, S*H) activations for
+                             # the backward; LEN (B,) lengths, shared by the directions
+    s, T, B, H, K,
     CELL: tl.constexpr, NGATE: tl.constexpr, NSAVE: tl.constexpr, HAS_BHN: tl.constexpr, HAS_LEN: tl.constexpr,
     PROJ: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # One step's slice of each buffer (int64: T * B * G*H may pass 2**31; within a step int32).
-    XG += t.to(tl.int64) * B * H * NGATE
+    # Processing step s of direction d = program_id(2): both directions of a bidirectional
+    # layer run in the same launch. Forward: step t = s reads state slot s, writes s + 1;
+    # reverse: t = T-1-s reads slot t + 1, writes t (h0 sits in slot 0 / slot T).
+    d = tl.program_id(2)
+    t = s + d * (T - 1 - 2 * s)
+    rd = t + d
+    wr = t + 1 - d
+    # This direction's buffers, then this step's slice (int64: T * B * G*H may pass 2**31;
+    # offsets within a step are int32).
+    XG += (d * T + t).to(tl.int64) * B * H * NGATE
+    W += d.to(tl.int64) * H * NGATE * K
+    BHN += d * H
+    HBUF += d.to(tl.int64) * (T + 1) * B * K
+    CBUF += d.to(tl.int64) * (T + 1) * B * H
+    SAVE += (d * T + t).to(tl.int64) * B * H * NSAVE
     HP = HBUF + rd.to(tl.int64) * B * K
-    SAVE += t.to(tl.int64) * B * H * NSAVE
-    HO += ho_slot.to(tl.int64) * B * H
+    if PROJ:
+        HO = HRAW + (d * T + t).to(tl.int64) * B * H
+    else:
+        HO = HBUF + wr.to(tl.int64) * B * K
     CP = CBUF + rd.to(tl.int64) * B * H
     CO = CBUF + wr.to(tl.int64) * B * H
     s_xg = H * NGATE
@@ -142,28 +157,44 @@ def _rnn_step_fwd_kernel(
     tl.store(HO + ho, h.to(HO.dtype.element_ty), mask=m)
 
 
-@triton.jit(do_not_specialize=["t", "rd", "wr", "nxt", "dy_slot", "par"])
+@triton.jit(do_not_specialize=["s", "par"])
 def _rnn_step_bwd_kernel(
-    DGH, W, DY, CHB, CCB,    # DGH: (T, B, G*H) hidden-side gate grads, step nxt read (HAS_GEMM), step t written
-                             # (GRU); W: (G*H, K); DY: (slots, B, H) gradient of h_t from the output, slot
-                             # dy_slot; CHB, CCB: (2, B, H) float32 carries, half par read, the other written
-    SAVE, CBUF, HBUF, DGX, LEN,   # saved activations (T, B, S*H); c (T+1, B, H) float32; h (T+1, B, K);
-                                  # DGX: (T, B, G*H) input-side gate grads, step t written
-    t, rd, wr, nxt, dy_slot, par, B, H, K,
+    DGH, W, DY, CHB, CCB,    # per direction d: DGH (T, B, G*H) hidden-side gate grads, the next-processed
+                             # step's read (HAS_GEMM), this step's written (GRU); W (G*H, K); DY: this step's
+                             # gradient of h_t from the output, (T+1, B, H) state slots (DY_SLOTS) or (1, B, H);
+                             # CHB, CCB (2, B, H) float32 carries: half par read, the other written
+    SAVE, CBUF, HBUF, DGX, LEN,   # SAVE (T, B, S*H); CBUF (T+1, B, H) float32; HBUF (T+1, B, K);
+                                  # DGX (T, B, G*H) input-side gate grads of this step, written
+    s, par, T, B, H, K,
     CELL: tl.constexpr, NGATE: tl.constexpr, NSAVE: tl.constexpr, HAS_GEMM: tl.constexpr, HAS_CH: tl.constexpr,
-    HAS_LEN: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_LEN: tl.constexpr, DY_SLOTS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    # Backward step s of direction d runs the forward's steps in reverse: t = T-1-s forward,
+    # t = s reverse; the step processed just before (its gradients flow in) is t + 1 / t - 1.
+    d = tl.program_id(2)
+    t = T - 1 - s - d * (T - 1 - 2 * s)
+    rd = t + d
+    wr = t + 1 - d
+    nxt = t + 1 - 2 * d
     GH = H * NGATE
     step = B * GH
-    DGN = DGH + nxt.to(tl.int64) * step
-    DGX += t.to(tl.int64) * step
-    DGH += t.to(tl.int64) * step
-    DY += dy_slot.to(tl.int64) * B * H
-    SAVE += t.to(tl.int64) * B * H * NSAVE
+    W += d.to(tl.int64) * GH * K
+    DGN = DGH + (d * T + nxt).to(tl.int64) * step
+    DGX += (d * T + t).to(tl.int64) * step
+    DGH += (d * T + t).to(tl.int64) * step
+    if DY_SLOTS:
+        DY += (d * (T + 1) + wr).to(tl.int64) * B * H
+    else:
+        DY += d * B * H
+    SAVE += (d * T + t).to(tl.int64) * B * H * NSAVE
+    CBUF += d.to(tl.int64) * (T + 1) * B * H
+    HBUF += d.to(tl.int64) * (T + 1) * B * K
     CT = CBUF + wr.to(tl.int64) * B * H
     CPREV = CBUF + rd.to(tl.int64) * B * H
     HPREV = HBUF + rd.to(tl.int64) * B * K
+    CHB += d * 2 * B * H
+    CCB += d * 2 * B * H
     CH = CHB + par * B * H
     CH_OUT = CHB + (1 - par) * B * H
     CC = CCB + par * B * H
@@ -301,126 +332,119 @@ def _grid(cfg: dict, H: int, B: int):
     return (triton.cdiv(H, cfg["BLOCK_H"]), triton.cdiv(B, cfg["BLOCK_B"]))
 
 
-def _steps(T: int, reverse: bool):
-    return range(T - 1, -1, -1) if reverse else range(T)
-
-
 def _slots(t: int, reverse: bool) -> tuple[int, int]:
     """(read, write) slots of step t in a (T+1)-slot state buffer: forward runs slot t -> t+1
     from h0 in slot 0, reverse runs slot t+1 -> t from h0 in slot T."""
     return (t + 1, t) if reverse else (t, t + 1)
 
 
-def recurrence_fwd(mode: str, xg: torch.Tensor, h0: torch.Tensor, c0, w_hh: torch.Tensor, b_hn, w_hr,
-                   lengths, reverse: bool):
-    """The forward recurrence of one layer and direction, one fused launch per step.
+def recurrence_fwd(mode: str, xg: torch.Tensor, h0: torch.Tensor, c0, w_hh: torch.Tensor, b_hn, w_hr, lengths):
+    """The forward recurrence of one layer, one fused launch per step for both directions.
 
-    xg: (T, B, G*H) contiguous; h0: (B, K); c0: (B, H) float32 (LSTM) or None; w_hh:
-    (G*H, K) contiguous; b_hn: (H,) or None; w_hr: (P, H) or None; lengths: (B,) int64 on
-    xg's device or None. Returns hbuf (T+1, B, K) in xg's dtype: the state before and after
-    every step (`_slots`: h0 in slot 0, or slot T in reverse), cbuf (T+1, B, H) float32 the
-    same for LSTM's cell (else None), save (T, B, S*H) and hraw (T, B, H) (the unprojected
-    output, proj only)."""
-    T, B, GH = xg.shape
+    Every tensor has a leading direction dim D (1, or 2 for a bidirectional layer: direction
+    1 runs backwards in time). xg: (D, T, B, G*H) contiguous; h0: (D, B, K); c0: (D, B, H)
+    float32 (LSTM) or None; w_hh: (D, G*H, K) contiguous; b_hn: (D, H) or None; w_hr:
+    (D, P, H) or None; lengths: (B,) int64 on xg's device or None. Returns hbuf
+    (D, T+1, B, K) in xg's dtype: the state before and after every step (`_slots`: h0 in
+    slot 0, or slot T for direction 1), cbuf (D, T+1, B, H) float32 the same for LSTM's cell
+    (else None), save (D, T, B, S*H) and hraw (D, T, B, H) (the unprojected output, proj only)."""
+    D, T, B, GH = xg.shape
     G = GATES[mode]
     H = GH // G
-    K = w_hh.shape[1]
+    K = w_hh.shape[2]
     _check_int32(B, H, K)
     dev, dtype = xg.device, xg.dtype
     acc = acc_torch_dtype(dtype)
-    first = T if reverse else 0
-    hbuf = empty((T + 1, B, K), dtype=dtype, device=dev)
-    hbuf[first] = h0
-    cbuf = None
-    if mode == "LSTM":
-        cbuf = empty((T + 1, B, H), dtype=acc, device=dev)
-        cbuf[first] = c0
-    save = empty((T, B, SAVED[mode] * H), dtype=dtype, device=dev)
-    hraw = empty((T, B, H), dtype=dtype, device=dev) if w_hr is not None else None
+    hbuf = empty((D, T + 1, B, K), dtype=dtype, device=dev)
+    cbuf = empty((D, T + 1, B, H), dtype=acc, device=dev) if mode == "LSTM" else None
+    for d in range(D):
+        first = T if d else 0
+        hbuf[d, first] = h0[d]
+        if cbuf is not None:
+            cbuf[d, first] = c0[d]
+    save = empty((D, T, B, SAVED[mode] * H), dtype=dtype, device=dev)
+    hraw = empty((D, T, B, H), dtype=dtype, device=dev) if w_hr is not None else None
     live = (torch.arange(T, device=dev)[:, None] < lengths[None, :]).unsqueeze(-1) if (
         lengths is not None and w_hr is not None) else None
     cfg = step_config(mode, H, B, K, dtype, dev)
-    grid = _grid(cfg, H, B)
+    grid = _grid(cfg, H, B) + (D,)
     dummy = xg   # stands for pointers a specialization never reads
     consts = dict(CELL=CELLS[mode], NGATE=G, NSAVE=SAVED[mode], HAS_BHN=b_hn is not None,
                   HAS_LEN=lengths is not None, PROJ=w_hr is not None, ACC=acc_dtype(dtype),
                   PRECISION=_precision(dtype), **cfg)
-    ho = hraw if hraw is not None else hbuf
-    cb = cbuf if cbuf is not None else dummy
-    bhn = b_hn if b_hn is not None else dummy
-    lens = lengths if lengths is not None else dummy
-    for t in _steps(T, reverse):
-        rd, wr = _slots(t, reverse)
-        _rnn_step_fwd_kernel[grid](xg, hbuf, w_hh, bhn, cb, ho, save, lens, t, rd, wr,
-                                   t if hraw is not None else wr, B, H, K, **consts)
+    args = (xg, hbuf, w_hh, b_hn if b_hn is not None else dummy, cbuf if cbuf is not None else dummy,
+            hraw if hraw is not None else dummy, save, lengths if lengths is not None else dummy)
+    for s in range(T):
+        _rnn_step_fwd_kernel[grid](*args, s, T, B, H, K, **consts)
         if w_hr is not None:
-            torch.mm(hraw[t], w_hr.t(), out=hbuf[wr])
-            if live is not None:
-                hbuf[wr] = torch.where(live[t], hbuf[wr], hbuf[rd])
+            # The projection needs every unit of h_raw: a GEMM per step and direction, then the
+            # freeze of finished rows (the kernel froze c already).
+            for d in range(D):
+                t = T - 1 - s if d else s
+                rd, wr = _slots(t, d == 1)
+                torch.mm(hraw[d, t], w_hr[d].t(), out=hbuf[d, wr])
+                if live is not None:
+                    hbuf[d, wr] = torch.where(live[t], hbuf[d, wr], hbuf[d, rd])
     return hbuf, cbuf, save, hraw
 
 
-def recurrence_bwd(mode: str, d_hbuf: torch.Tensor, d_cn, w_hh: torch.Tensor, w_hr,
-                   hbuf: torch.Tensor, cbuf, save: torch.Tensor, hraw, lengths, reverse: bool):
-    """Backward through time of one layer and direction.
+def recurrence_bwd(mode: str, d_hbuf: torch.Tensor, d_cn, w_hh: torch.Tensor, w_hr, hbuf: torch.Tensor, cbuf,
+                   save: torch.Tensor, hraw, lengths):
+    """Backward through time of one layer (both directions in each launch).
 
-    d_hbuf: (T+1, B, K) gradient of every step's state (the layer output and h_n together;
-    the h0 slot is ignored); d_cn: (B, H) gradient of c_n or None. Returns (dxg (T, B, G*H)
-    in the input dtype, dgh (the hidden-side gate gradients: dxg itself except for GRU), dh0
-    (B, K) float32, dc0 (B, H) float32 or None, dhp (T, B, P) float32 gradients of the
-    projected states, proj only)."""
-    T, B, K = hbuf.shape[0] - 1, hbuf.shape[1], hbuf.shape[2]
+    d_hbuf: (D, T+1, B, K) gradient of every step's state (the layer output and h_n
+    together; the h0 slots are ignored); d_cn: (D, B, H) gradient of c_n or None. Returns
+    (dxg (D, T, B, G*H) in the input dtype, dgh (the hidden-side gate gradients: dxg itself
+    except for GRU), dh0 (D, B, K) float32, dc0 (D, B, H) float32 or None, dhp (D, T, B, P)
+    float32 gradients of the projected states, proj only)."""
+    D, T, B, K = hbuf.shape[0], hbuf.shape[1] - 1, hbuf.shape[2], hbuf.shape[3]
     G = GATES[mode]
-    H = save.shape[2] // SAVED[mode]
+    H = save.shape[3] // SAVED[mode]
     dev, dtype = hbuf.device, hbuf.dtype
     acc = acc_torch_dtype(dtype)
-    dxg = empty((T, B, G * H), dtype=dtype, device=dev)
-    dgh = empty((T, B, G * H), dtype=dtype, device=dev) if mode == "GRU" else dxg
+    dxg = empty((D, T, B, G * H), dtype=dtype, device=dev)
+    dgh = empty((D, T, B, G * H), dtype=dtype, device=dev) if mode == "GRU" else dxg
     proj = w_hr is not None
-    # Carries ping-pong between the two halves: step t reads what step t+1 wrote.
-    chb = torch.zeros((2, B, H), dtype=acc, device=dev)
-    ccb = torch.zeros((2, B, H), dtype=acc, device=dev) if mode == "LSTM" else chb
+    # Carries ping-pong between two halves per direction: step t reads what step t+1 wrote.
+    chb = torch.zeros((D, 2, B, H), dtype=acc, device=dev)
+    ccb = torch.zeros((D, 2, B, H), dtype=acc, device=dev) if mode == "LSTM" else chb
     if d_cn is not None and mode == "LSTM":
-        ccb[0] = d_cn
-    chp = torch.zeros((B, K), dtype=acc, device=dev) if proj else None
-    dhp = empty((T, B, K), dtype=acc, device=dev) if proj else None
+        ccb[:, 0] = d_cn
+    chp = [torch.zeros((B, K), dtype=acc, device=dev) for _ in range(D)] if proj else None
+    dhp = empty((D, T, B, K), dtype=acc, device=dev) if proj else None
     live = (torch.arange(T, device=dev)[:, None] < lengths[None, :]).unsqueeze(-1) if (
         lengths is not None and proj) else None
     cfg = step_config(mode, H, B, K, dtype, dev, backward=True)
     cfg = dict(BLOCK_H=cfg["BLOCK_H"], BLOCK_B=cfg["BLOCK_B"], BLOCK_R=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
                **({"num_stages": cfg["num_stages"]} if "num_stages" in cfg else {}))
-    grid = _grid(cfg, H, B)
+    grid = _grid(cfg, H, B) + (D,)
     w_acc = w_hh.to(acc)
     wr_acc = w_hr.to(acc) if proj else None
     consts = dict(CELL=CELLS[mode], NGATE=G, NSAVE=SAVED[mode], HAS_CH=not proj, HAS_LEN=lengths is not None,
-                  ACC=acc_dtype(dtype), PRECISION=_precision(dtype), **cfg)
-    cb = cbuf if cbuf is not None else hbuf
-    lens = lengths if lengths is not None else hbuf
-    dy_proj = torch.empty((1, B, H), dtype=acc, device=dev) if proj else None
-    order = list(_steps(T, not reverse))   # backward: the reverse of the processing order
-    nxt, par = None, 0
-    for t in order:
-        rd, wr = _slots(t, reverse)
+                  DY_SLOTS=not proj, ACC=acc_dtype(dtype), PRECISION=_precision(dtype), **cfg)
+    dy_proj = torch.empty((D, B, H), dtype=acc, device=dev) if proj else None
+    args = (dgh, w_hh, dy_proj if proj else d_hbuf, chb, ccb, save, cbuf if cbuf is not None else hbuf, hbuf, dxg,
+            lengths if lengths is not None else hbuf)
+    par = 0
+    for s in range(T):
         if proj:
             # The state is W_hr h_raw: its gradient (P-dim) gets the hidden-side GEMM here, then
             # goes back through W_hr to the cell's output.
-            dh_p = d_hbuf[wr].to(acc) + chp
-            if nxt is not None:
-                dh_p.addmm_(dgh[nxt].to(acc), w_acc)
-            if live is not None:
-                chp = torch.where(live[t], torch.zeros_like(dh_p), dh_p)
-                dh_p = torch.where(live[t], dh_p, torch.zeros_like(dh_p))
-            dhp[t] = dh_p
-            torch.mm(dh_p, wr_acc, out=dy_proj[0])
-            dy, dy_slot = dy_proj, 0
-        else:
-            dy, dy_slot = d_hbuf, wr
-        _rnn_step_bwd_kernel[grid](dgh, w_hh, dy, chb, ccb, save, cb, hbuf, dxg, lens,
-                                   t, rd, wr, nxt if nxt is not None else 0, dy_slot, par, B, H, K,
-                                   HAS_GEMM=nxt is not None and not proj, **consts)
+            for d in range(D):
+                t = s if d else T - 1 - s
+                rd, wr = _slots(t, d == 1)
+                dh_p = d_hbuf[d, wr].to(acc) + chp[d]
+                if s:
+                    dh_p.addmm_(dgh[d, t - 1 if d else t + 1].to(acc), w_acc[d])
+                if live is not None:
+                    chp[d] = torch.where(live[t], torch.zeros_like(dh_p), dh_p)
+                    dh_p = torch.where(live[t], dh_p, torch.zeros_like(dh_p))
+                dhp[d, t] = dh_p
+                torch.mm(dh_p, wr_acc[d], out=dy_proj[d])
+        _rnn_step_bwd_kernel[grid](*args, s, par, T, B, H, K, HAS_GEMM=s > 0 and not proj, **consts)
         par ^= 1
-        nxt = t
     # The first-processed step's hidden-side gradients reach h0 through W_hh.
-    dh0 = (chp if proj else chb[par]).addmm(dgh[order[-1]].to(acc), w_acc)
-    dc0 = ccb[par] if mode == "LSTM" else None
+    dh0 = torch.stack([(chp[d] if proj else chb[d, par]).addmm(dgh[d, T - 1 if d else 0].to(acc), w_acc[d])
+                       for d in range(D)])
+    dc0 = ccb[:, par] if mode == "LSTM" else None
     return dxg, dgh, dh0, dc0, dhp

@@ -35,9 +35,9 @@ def test_plan_falls_back_to_the_per_step_path(args, reason):
 
 
 def test_runs_only_on_cuda_tensors():
-    xg = torch.zeros(3, 2, 28)
-    assert P.maybe_run("LSTM", xg, torch.zeros(2, 7), torch.zeros(2, 7), torch.zeros(28, 7), None, None, None,
-                       False) is None
+    xg = torch.zeros(1, 3, 2, 28)
+    assert P.maybe_run("LSTM", xg, torch.zeros(1, 2, 7), torch.zeros(1, 2, 7), torch.zeros(1, 28, 7), None, None,
+                       None) is None
 
 
 def test_nvrtc_source_is_self_contained():

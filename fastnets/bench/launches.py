@@ -351,7 +351,8 @@ def _transformer_cases(case):
 def _rnn_cases(case):
     from fastnets.kernels import rnn
     # Hidden 256 / 1024 (the benchmark's), 130 (no multiple of 16), batch 8 (one 16-row
-    # tile) and 64; with lengths (packed sequences) and LSTM's projection.
+    # tile) and 64; bidirectional (both directions per launch) or not; with lengths (packed
+    # sequences) and LSTM's projection.
     for dtype in DTYPES:
         for tf32 in _precisions(dtype):
             with _tf32("cudnn", tf32):
@@ -360,19 +361,22 @@ def _rnn_cases(case):
                         ("LSTM", "GRU", "RNN_TANH", "RNN_RELU"), (256, 1024, 130), (8, 64), (False, True), (0, 128)):
                     if proj and (mode != "LSTM" or H == 130):
                         continue
-                    case(f"rnn {mode} H={H} B={B}{' lengths' if lengths else ''}{f' proj={proj}' if proj else ''}{tag}")
+                    D = 2 if lengths else 1
+                    case(f"rnn {mode} H={H} B={B} D={D}{' lengths' if lengths else ''}{f' proj={proj}' if proj else ''}"
+                         f"{tag}")
                     G = rnn.GATES[mode]
                     K = proj or H
-                    xg = meta(2, B, G * H, dtype=dtype)
-                    h0 = meta(B, K, dtype=dtype)
-                    c0 = meta(B, H) if mode == "LSTM" else None
-                    w_hh = meta(G * H, K, dtype=dtype)
-                    b_hn = meta(H, dtype=dtype) if mode == "GRU" else None
-                    w_hr = meta(proj, H, dtype=dtype) if proj else None
+                    xg = meta(D, 2, B, G * H, dtype=dtype)
+                    h0 = meta(D, B, K, dtype=dtype)
+                    c0 = meta(D, B, H) if mode == "LSTM" else None
+                    w_hh = meta(D, G * H, K, dtype=dtype)
+                    b_hn = meta(D, H, dtype=dtype) if mode == "GRU" else None
+                    w_hr = meta(D, proj, H, dtype=dtype) if proj else None
                     lens = meta(B, dtype=torch.int64) if lengths else None
-                    hbuf, cbuf, save, hraw = rnn.recurrence_fwd(mode, xg, h0, c0, w_hh, b_hn, w_hr, lens, False)
-                    rnn.recurrence_bwd(mode, meta(3, B, K, dtype=dtype), meta(B, H) if c0 is not None else None,
-                                       w_hh, w_hr, hbuf, cbuf, save, hraw, lens, False)
+                    hbuf, cbuf, save, hraw = rnn.recurrence_fwd(mode, xg, h0, c0, w_hh, b_hn, w_hr, lens)
+                    rnn.recurrence_bwd(mode, meta(D, 3, B, K, dtype=dtype),
+                                       meta(D, B, H) if c0 is not None else None, w_hh, w_hr, hbuf, cbuf, save, hraw,
+                                       lens)
 
 
 FAMILIES = {

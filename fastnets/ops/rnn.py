@@ -1,17 +1,18 @@
 """Recurrent networks: lstm / gru / rnn_tanh / rnn_relu over whole sequences and the four
 single-step cells, with torch.nn's weight layout.
 
-Per layer and direction:
+Per layer (both directions of a bidirectional layer together):
 1. the input projection of every step, x @ W_ih^T + b_ih + b_hh (GRU keeps b_hn aside: it
-   sits inside the reset product), as one GEMM (cuBLAS); autograd of that GEMM gives dx,
-   dW_ih and the bias gradients as one GEMM / reduction each over all steps;
-2. the recurrence, `fastnets::rnn_recurrence`: one fused Triton launch per step
-   (kernels/rnn.py), or one persistent CUDA launch for the whole sequence where the shape
-   fits (fastnets/ops/rnn_persistent.py); its backward `fastnets::rnn_recurrence_bwd` is one
-   fused launch per step plus one GEMM for dW_hh (and dW_hr) over all steps.
+   sits inside the reset product), as one batched GEMM (cuBLAS); autograd of that GEMM
+   gives dx, dW_ih and the bias gradients as one GEMM / reduction each over all steps;
+2. the recurrence, `fastnets::rnn_recurrence`: one fused Triton launch per step running
+   both directions (kernels/rnn.py), or one persistent CUDA launch per direction for the
+   whole sequence where the shape fits (fastnets/ops/rnn_persistent.py); its backward
+   `fastnets::rnn_recurrence_bwd` is one fused launch per step plus one GEMM for dW_hh (and
+   dW_hr) per direction over all steps.
 Layers loop in Python; dropout between layers is torch's own F.dropout (torch's generator,
 the same mask in the backward). Both are traceable: torch.compile sees two custom ops per
-layer and direction and no graph break.
+layer and no graph break.
 
 PackedSequence inputs run padded, in the packed (length-sorted) batch order, with per-row
 lengths: a finished row keeps its state, so h_n is the state after its last valid step,
@@ -53,121 +54,150 @@ def _empty(like: Tensor) -> Tensor:
 
 @torch.library.custom_op("fastnets::rnn_recurrence", mutates_args=())
 def _recurrence(xg: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor, b_hn: Optional[Tensor],
-                w_hr: Optional[Tensor], lengths: Optional[Tensor], mode: str,
-                reverse: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(hbuf, c_n, cbuf, save, hraw): hbuf (T+1, B, K) holds h0 and the state after every
-    step (h0 in slot 0, or slot T in reverse), cbuf the same for LSTM's float32 cell state;
-    absent ones (non-LSTM c_n / cbuf, hraw without proj) are empty."""
+                w_hr: Optional[Tensor], lengths: Optional[Tensor],
+                mode: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One layer, both directions: every tensor has a leading direction dim D (2: direction 1
+    runs backwards in time). Returns (hbuf, c_n, cbuf, save, hraw): hbuf (D, T+1, B, K) holds
+    h0 and the state after every step (h0 in slot 0, slot T for direction 1), cbuf the same
+    for LSTM's float32 cell state; absent ones (non-LSTM c_n / cbuf, hraw without proj) are empty."""
     from . import rnn_persistent
     acc = _acc(xg.dtype)
     c0a = c0.to(acc).contiguous() if c0 is not None else None
-    out = rnn_persistent.maybe_run(mode, xg, h0, c0a, w_hh, b_hn, w_hr, lengths, reverse)
+    out = rnn_persistent.maybe_run(mode, xg, h0, c0a, w_hh, b_hn, w_hr, lengths)
     if out is None:
-        out = _rnn_kernels().recurrence_fwd(mode, xg, h0, c0a, w_hh, b_hn, w_hr, lengths, reverse)
+        out = _rnn_kernels().recurrence_fwd(mode, xg, h0, c0a, w_hh, b_hn, w_hr, lengths)
     hbuf, cbuf, save, hraw = out
-    c_n = (cbuf[0] if reverse else cbuf[-1]).to(xg.dtype, copy=True) if cbuf is not None else _empty(xg)
+    if cbuf is not None:
+        T = xg.shape[1]
+        c_n = torch.stack([cbuf[d, 0 if d else T] for d in range(xg.shape[0])]).to(xg.dtype)
+    else:
+        c_n = _empty(xg)
     return hbuf, c_n, (cbuf if cbuf is not None else _empty(xg)), save, (hraw if hraw is not None else _empty(xg))
 
 
 @_recurrence.register_fake
-def _(xg, h0, c0, w_hh, b_hn, w_hr, lengths, mode, reverse):
-    T, B, GH = xg.shape
+def _(xg, h0, c0, w_hh, b_hn, w_hr, lengths, mode):
+    D, T, B, GH = xg.shape
     H = GH // GATES[mode]
-    K = w_hh.shape[1]
+    K = w_hh.shape[2]
     lstm = mode == "LSTM"
-    return (xg.new_empty((T + 1, B, K)), xg.new_empty((B, H) if lstm else (0,)),
-            xg.new_empty((T + 1, B, H) if lstm else (0,), dtype=_acc(xg.dtype)),
-            xg.new_empty((T, B, (4 if mode in ("LSTM", "GRU") else 1) * H)),
-            xg.new_empty((T, B, H) if w_hr is not None else (0,)))
+    return (xg.new_empty((D, T + 1, B, K)), xg.new_empty((D, B, H) if lstm else (0,)),
+            xg.new_empty((D, T + 1, B, H) if lstm else (0,), dtype=_acc(xg.dtype)),
+            xg.new_empty((D, T, B, (4 if mode in ("LSTM", "GRU") else 1) * H)),
+            xg.new_empty((D, T, B, H) if w_hr is not None else (0,)))
 
 
 @torch.library.custom_op("fastnets::rnn_recurrence_bwd", mutates_args=())
 def _recurrence_bwd(d_hbuf: Tensor, d_cn: Optional[Tensor], c0: Optional[Tensor], w_hh: Tensor,
                     b_hn: Optional[Tensor], w_hr: Optional[Tensor], hbuf: Tensor, cbuf: Optional[Tensor],
-                    save: Tensor, hraw: Optional[Tensor], lengths: Optional[Tensor], mode: str,
-                    reverse: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dxg, dh0, dc0, dw_hh, db_hn, dw_hr); absent ones empty."""
+                    save: Tensor, hraw: Optional[Tensor], lengths: Optional[Tensor],
+                    mode: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dxg, dh0, dc0, dw_hh, db_hn, dw_hr), each with the leading direction dim; absent ones empty."""
     acc = _acc(hbuf.dtype)
     dxg, dgh, dh0, dc0, dhp = _rnn_kernels().recurrence_bwd(
-        mode, d_hbuf.contiguous(), d_cn, w_hh, w_hr, hbuf, cbuf, save, hraw, lengths, reverse)
-    T, B, K = dxg.shape[0], hbuf.shape[1], hbuf.shape[2]
-    H = w_hh.shape[0] // GATES[mode]
-    # The state each step read: slots 0..T-1 forward, 1..T in reverse (a view, no copy).
-    hprev = hbuf[1:] if reverse else hbuf[:-1]
-    # dW_hh: one GEMM over all (step, row) pairs; rows past a sequence's end carry zero gradient.
-    dw_hh = (dgh.reshape(T * B, -1).t() @ hprev.reshape(T * B, K)).to(w_hh.dtype)
-    db_hn = dgh[..., 2 * H:].sum((0, 1), dtype=acc).to(b_hn.dtype) if b_hn is not None else _empty(hbuf)
-    dw_hr = ((dhp.reshape(T * B, -1).t() @ hraw.reshape(T * B, H).to(acc)).to(w_hr.dtype)
-             if w_hr is not None else _empty(hbuf))
+        mode, d_hbuf.contiguous(), d_cn, w_hh, w_hr, hbuf, cbuf, save, hraw, lengths)
+    D, T, B, K = dxg.shape[0], dxg.shape[1], hbuf.shape[2], hbuf.shape[3]
+    H = w_hh.shape[1] // GATES[mode]
+    dw_hh = torch.empty_like(w_hh)
+    dw_hr = torch.empty_like(w_hr) if w_hr is not None else _empty(hbuf)
+    for d in range(D):
+        # The state each step read: slots 0..T-1 forward, 1..T in reverse (a view, no copy).
+        hprev = hbuf[d, 1:] if d else hbuf[d, :-1]
+        # dW_hh: one GEMM over all (step, row) pairs; rows past a sequence's end carry zero gradient.
+        dw_hh[d] = dgh[d].reshape(T * B, -1).t() @ hprev.reshape(T * B, K)
+        if w_hr is not None:
+            dw_hr[d] = dhp[d].reshape(T * B, -1).t() @ hraw[d].reshape(T * B, H).to(acc)
+    db_hn = dgh[..., 2 * H:].sum((1, 2), dtype=acc).to(b_hn.dtype) if b_hn is not None else _empty(hbuf)
     return (dxg, dh0.to(hbuf.dtype), dc0.to(c0.dtype) if c0 is not None else _empty(hbuf), dw_hh, db_hn, dw_hr)
 
 
 @_recurrence_bwd.register_fake
-def _(d_hbuf, d_cn, c0, w_hh, b_hn, w_hr, hbuf, cbuf, save, hraw, lengths, mode, reverse):
-    T, B, K = hbuf.shape[0] - 1, hbuf.shape[1], hbuf.shape[2]
-    return (hbuf.new_empty((T, B, w_hh.shape[0])), hbuf.new_empty((B, K)),
+def _(d_hbuf, d_cn, c0, w_hh, b_hn, w_hr, hbuf, cbuf, save, hraw, lengths, mode):
+    D, T, B, K = hbuf.shape[0], hbuf.shape[1] - 1, hbuf.shape[2], hbuf.shape[3]
+    return (hbuf.new_empty((D, T, B, w_hh.shape[1])), hbuf.new_empty((D, B, K)),
             torch.empty_like(c0) if c0 is not None else hbuf.new_empty((0,)), torch.empty_like(w_hh),
             torch.empty_like(b_hn) if b_hn is not None else hbuf.new_empty((0,)),
             torch.empty_like(w_hr) if w_hr is not None else hbuf.new_empty((0,)))
 
 
 def _recurrence_setup(ctx, inputs, output):
-    xg, h0, c0, w_hh, b_hn, w_hr, lengths, mode, reverse = inputs
+    xg, h0, c0, w_hh, b_hn, w_hr, lengths, mode = inputs
     hbuf, _, cbuf, save, hraw = output
     ctx.save_for_backward(c0, w_hh, b_hn, w_hr, hbuf, cbuf if mode == "LSTM" else None, save,
                           hraw if w_hr is not None else None, lengths)
-    ctx.args = (mode, reverse)
+    ctx.mode = mode
     ctx.h0_dtype = h0.dtype
 
 
 def _recurrence_backward(ctx, d_hbuf, d_cn, _d_cbuf, _d_save, _d_hraw):
     c0, w_hh, b_hn, w_hr, hbuf, cbuf, save, hraw, lengths = ctx.saved_tensors
-    mode, reverse = ctx.args
     if d_hbuf is None:
         d_hbuf = torch.zeros_like(hbuf)
     if d_cn is not None and d_cn.numel() == 0:
         d_cn = None
     dxg, dh0, dc0, dw_hh, db_hn, dw_hr = torch.ops.fastnets.rnn_recurrence_bwd(
-        d_hbuf, d_cn, c0, w_hh, b_hn, w_hr, hbuf, cbuf, save, hraw, lengths, mode, reverse)
+        d_hbuf, d_cn, c0, w_hh, b_hn, w_hr, hbuf, cbuf, save, hraw, lengths, ctx.mode)
     return (dxg, dh0.to(ctx.h0_dtype), dc0 if c0 is not None else None, dw_hh,
-            db_hn if b_hn is not None else None, dw_hr if w_hr is not None else None, None, None, None)
+            db_hn if b_hn is not None else None, dw_hr if w_hr is not None else None, None, None)
 
 
 _recurrence.register_autograd(_recurrence_backward, setup_context=_recurrence_setup)
 
 
-# --- one layer and direction -------------------------------------------------------------------------
+# --- one layer, both directions -------------------------------------------------------------------------
 
-def _project(mode: str, x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor]):
-    """(xg, b_hn): every step's input projection with the biases folded in (one GEMM), and
-    GRU's b_hn, which must stay inside the reset product."""
-    H = w_ih.shape[0] // GATES[mode]
+def _split_bias(mode: str, H: int, b_ih: Optional[Tensor], b_hh: Optional[Tensor]):
+    """(bias folded into the input projection, GRU's b_hn kept for the reset product)."""
     bias, b_hn = b_ih, None
     if b_hh is not None:
         if mode == "GRU":
             b_hn = b_hh[2 * H:]
             b_hh = torch.cat([b_hh[:2 * H], b_hh.new_zeros(H)])
         bias = b_hh if bias is None else bias + b_hh
-    T, B, _ = x.shape
-    x2 = x.reshape(T * B, -1)
-    xg = torch.addmm(bias, x2, w_ih.t()) if bias is not None else x2 @ w_ih.t()
-    return xg.view(T, B, -1), b_hn
+    return bias, b_hn
 
 
-def _layer(mode: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], w_ih, w_hh, b_ih, b_hh, w_hr,
-           lengths: Optional[Tensor], reverse: bool, kernel: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """(hseq (T, B, K), h_n, c_n) of one layer and direction."""
-    xg, b_hn = _project(mode, x, w_ih, b_ih, b_hh)
-    if kernel:
-        hbuf, c_n, _, _, _ = torch.ops.fastnets.rnn_recurrence(xg.contiguous(), h0.contiguous(),
-                                                                c0.contiguous() if c0 is not None else None,
-                                                                w_hh.contiguous(), b_hn, w_hr, lengths, mode,
-                                                                reverse)
-        hseq = hbuf[:-1] if reverse else hbuf[1:]
-        c_n = c_n if mode == "LSTM" else None
+def _layer(mode: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], weights: list, lengths: Optional[Tensor],
+           kernel: bool) -> tuple[Tensor, list, list]:
+    """One layer, D = len(weights) directions. x: (T, B, I); h0 / c0: (D, B, K) / (D, B, H);
+    weights: [(w_ih, w_hh, b_ih, b_hh, w_hr)] per direction. Returns (output (T, B, D*K),
+    [h_n per direction], [c_n per direction])."""
+    D = len(weights)
+    T, B, I = x.shape
+    H = weights[0][1].shape[0] // GATES[mode]
+    splits = [_split_bias(mode, H, w[2], w[3]) for w in weights]
+    x2 = x.reshape(T * B, I)
+    if not kernel:
+        outs, hns, cns = [], [], []
+        for d, ((w_ih, w_hh, _, _, w_hr), (bias, b_hn)) in enumerate(zip(weights, splits)):
+            xg = (torch.addmm(bias, x2, w_ih.t()) if bias is not None else x2 @ w_ih.t()).view(T, B, -1)
+            hseq, cn = reference.rnn.recurrence(mode, xg, h0[d], c0[d] if c0 is not None else None, w_hh, b_hn,
+                                                w_hr, lengths, d == 1)
+            outs.append(hseq)
+            hns.append(hseq[0] if d else hseq[-1])
+            cns.append(cn)
+        return (torch.cat(outs, -1) if D == 2 else outs[0]), hns, cns
+
+    def stack(ts):
+        return torch.stack(ts) if D == 2 else ts[0].unsqueeze(0)
+
+    # Every step's input projection, both directions in one batched GEMM: (D, T*B, G*H).
+    w_ih = stack([w[0] for w in weights])
+    if splits[0][0] is not None:
+        xg = torch.baddbmm(stack([b for b, _ in splits]).unsqueeze(1), x2.expand(D, T * B, I), w_ih.transpose(1, 2))
     else:
-        hseq, c_n = reference.rnn.recurrence(mode, xg, h0, c0, w_hh, b_hn, w_hr, lengths, reverse)
-    return hseq, (hseq[0] if reverse else hseq[-1]), c_n
+        xg = torch.bmm(x2.expand(D, T * B, I), w_ih.transpose(1, 2))
+    w_hh = stack([w[1] for w in weights]).contiguous()
+    b_hn = stack([b for _, b in splits]) if splits[0][1] is not None else None
+    w_hr = stack([w[4] for w in weights]).contiguous() if weights[0][4] is not None else None
+    hbuf, c_n, _, _, _ = torch.ops.fastnets.rnn_recurrence(xg.view(D, T, B, -1), h0.contiguous(),
+                                                            c0.contiguous() if c0 is not None else None,
+                                                            w_hh, b_hn, w_hr, lengths, mode)
+    fwd = hbuf[0, 1:]
+    out = torch.cat([fwd, hbuf[1, :-1]], -1) if D == 2 else fwd
+    hns = [hbuf[0, T]] + ([hbuf[1, 0]] if D == 2 else [])
+    cns = list(c_n.unbind(0)) if mode == "LSTM" else [None] * D
+    return out, hns, cns
 
 
 # --- validation ----------------------------------------------------------------------------------------
@@ -317,16 +347,11 @@ def rnn(mode: str, input, hx, weights: Sequence[Tensor], has_biases: bool = True
     kernel = _dispatch.choose("rnn", x.device) != "torch"
     h_n, c_n = [], []
     for layer in range(num_layers):
-        outs = []
-        for d in range(D):
-            n = layer * D + d
-            w_ih, w_hh, b_ih, b_hh, w_hr = layers[n]
-            hseq, hn, cn = _layer(mode, x, h0[n], c0[n] if c0 is not None else None, w_ih, w_hh, b_ih, b_hh, w_hr,
-                                  lengths, d == 1, kernel)
-            outs.append(hseq)
-            h_n.append(hn)
-            c_n.append(cn)
-        x = torch.cat(outs, -1) if D == 2 else outs[0]
+        n = layer * D
+        x, hn, cn = _layer(mode, x, h0[n:n + D], c0[n:n + D] if c0 is not None else None, layers[n:n + D],
+                           lengths, kernel)
+        h_n += hn
+        c_n += cn
         if padded_lengths:
             # Past a row's length its state is frozen; the output there is zero, as torch pads.
             x = x * (torch.arange(T, device=x.device)[:, None] < lengths[None, :]).unsqueeze(-1).to(x.dtype)
@@ -398,7 +423,8 @@ def _cell(mode: str, op: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor, b_i
     c = _check_state(op, "cx", c, (B, H), x) if mode == "LSTM" else None
     kernel = _dispatch.choose("rnn", x.device) != "torch"
     if kernel:
-        hseq, h1, c1 = _layer(mode, x.unsqueeze(0), h, c, w_ih, w_hh, b_ih, b_hh, None, None, False, True)
+        _, (h1,), (c1,) = _layer(mode, x.unsqueeze(0), h.unsqueeze(0), c.unsqueeze(0) if c is not None else None,
+                                 [(w_ih, w_hh, b_ih, b_hh, None)], None, True)
     else:
         h1, c1 = reference.rnn.cell(mode, x, h, c, w_ih, w_hh, b_ih, b_hh)
     if unbatched:

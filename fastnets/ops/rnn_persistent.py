@@ -169,10 +169,11 @@ def _launch_nvrtc(mode, xg, h0, c0, w_hh, b_hn, lengths, hseq, cseq, save, barri
                shared_mem=smem)
 
 
-def maybe_run(mode: str, xg: torch.Tensor, h0: torch.Tensor, c0, w_hh: torch.Tensor, b_hn, w_hr, lengths,
-              reverse: bool):
-    """The forward recurrence on the persistent kernel, or None where it does not apply
-    (then the caller runs the per-step path)."""
+def maybe_run(mode: str, xg: torch.Tensor, h0: torch.Tensor, c0, w_hh: torch.Tensor, b_hn, w_hr, lengths):
+    """The forward recurrence of one layer on the persistent kernel (one launch per direction),
+    or None where it does not apply (then the caller runs the per-step path). Takes and
+    returns the per-step path's stacked tensors (a leading direction dim; direction 1 runs
+    backwards in time) and buffers."""
     if xg.device.type != "cuda" or not enabled() or _config.interpret_requested():
         return None
     forced = (_dispatch._forced_stack[-1] if _dispatch._forced_stack else None) or _config.forced_backend()
@@ -180,7 +181,7 @@ def maybe_run(mode: str, xg: torch.Tensor, h0: torch.Tensor, c0, w_hh: torch.Ten
         return None
     index = xg.device.index if xg.device.index is not None else torch.cuda.current_device()
     sm_count, smem_limit = _device_limits(index)
-    T, B, GH = xg.shape
+    D, T, B, GH = xg.shape
     H = GH // GATES[mode]
     chosen, _ = plan(mode, B, H, xg.dtype, w_hr is not None, sm_count, smem_limit)
     how = runner(xg.device) if chosen is not None else None
@@ -188,27 +189,27 @@ def maybe_run(mode: str, xg: torch.Tensor, h0: torch.Tensor, c0, w_hh: torch.Ten
         return None
     from ..kernels._common import empty
     # The per-step path's buffers: (T+1) state slots with h0 / c0 in slot 0 (slot T in reverse).
-    first = T if reverse else 0
-    hbuf = empty((T + 1, B, H), dtype=xg.dtype, device=xg.device)
-    hbuf[first] = h0
-    hseq = hbuf[:T] if reverse else hbuf[1:]
-    cbuf = cseq = None
-    if mode == "LSTM":
-        cbuf = empty((T + 1, B, H), dtype=torch.float32, device=xg.device)
-        cbuf[first] = c0
-        cseq = cbuf[:T] if reverse else cbuf[1:]
-        c0 = cbuf[first]
-    h0 = hbuf[first]
-    save = empty((T, B, SAVED[mode] * H), dtype=xg.dtype, device=xg.device)
-    barrier = torch.zeros(2, dtype=torch.int32, device=xg.device)
-    w_hh = w_hh.contiguous()
-    if how == "cuda_ext":
-        from .. import _ext
-        _ext.load().rnn_persistent_fwd(xg, h0, c0, w_hh, b_hn, lengths, hseq, cseq, save, barrier, CELLS[mode],
-                                       chosen["block_j"], reverse, torch.cuda.current_stream(xg.device).cuda_stream)
-    else:
-        _launch_nvrtc(mode, xg, h0, c0, w_hh, b_hn, lengths, hseq, cseq, save, barrier, chosen["block_j"],
-                      chosen["grid"], chosen["smem"], reverse)
+    hbuf = empty((D, T + 1, B, H), dtype=xg.dtype, device=xg.device)
+    cbuf = empty((D, T + 1, B, H), dtype=torch.float32, device=xg.device) if mode == "LSTM" else None
+    save = empty((D, T, B, SAVED[mode] * H), dtype=xg.dtype, device=xg.device)
+    stream = torch.cuda.current_stream(xg.device).cuda_stream
+    for d in range(D):
+        first = T if d else 0
+        hbuf[d, first] = h0[d]
+        hseq = hbuf[d, :T] if d else hbuf[d, 1:]
+        cseq = c_init = None
+        if cbuf is not None:
+            cbuf[d, first] = c0[d]
+            cseq = cbuf[d, :T] if d else cbuf[d, 1:]
+            c_init = cbuf[d, first]
+        barrier = torch.zeros(2, dtype=torch.int32, device=xg.device)
+        args = (xg[d], hbuf[d, first], c_init, w_hh[d].contiguous(), b_hn[d] if b_hn is not None else None, lengths,
+                hseq, cseq, save[d], barrier)
+        if how == "cuda_ext":
+            from .. import _ext
+            _ext.load().rnn_persistent_fwd(*args, CELLS[mode], chosen["block_j"], d == 1, stream)
+        else:
+            _launch_nvrtc(mode, *args, chosen["block_j"], chosen["grid"], chosen["smem"], d == 1)
     runs[how] += 1
     if not torch.compiler.is_compiling():
         _dispatch.calls[("rnn", "cuda")] += 1
