@@ -34,6 +34,19 @@ def test_plan_falls_back_to_the_per_step_path(args, reason):
     assert plan is None and reason in why
 
 
+def test_opt_in_until_measured(monkeypatch):
+    monkeypatch.delenv("FASTNETS_RNN_PERSISTENT", raising=False)
+    assert not P.wanted(None) and not P.wanted("triton") and P.wanted("cuda")
+    with P.use_persistent():
+        assert P.wanted(None)
+        with P.use_persistent(False):
+            assert not P.wanted("cuda")
+    monkeypatch.setenv("FASTNETS_RNN_PERSISTENT", "1")
+    assert P.wanted(None)
+    monkeypatch.setenv("FASTNETS_RNN_PERSISTENT", "0")
+    assert not P.wanted("cuda")
+
+
 def test_runs_only_on_cuda_tensors():
     xg = torch.zeros(1, 3, 2, 28)
     assert P.maybe_run("LSTM", xg, torch.zeros(1, 2, 7), torch.zeros(1, 2, 7), torch.zeros(1, 28, 7), None, None,
@@ -113,7 +126,8 @@ def test_persistent_matches_per_step_on_gpu(mode, dtype):
     x = torch.randn(50, 6, 48, device="cuda", dtype=dtype)
     lengths = torch.tensor([50, 3, 17, 50, 1, 29], device="cuda")
     before = _dispatch.calls[("rnn", "cuda")]
-    y, h = ops.rnn(mode, x, None, m._flat_weights, True, 2, 0.0, True, True, False, lengths=lengths)
+    with P.use_persistent():
+        y, h = ops.rnn(mode, x, None, m._flat_weights, True, 2, 0.0, True, True, False, lengths=lengths)
     assert _dispatch.calls[("rnn", "cuda")] > before, "the persistent kernel did not run"
     with fastnets.backend("triton"):
         y_ref, h_ref = ops.rnn(mode, x, None, m._flat_weights, True, 2, 0.0, True, True, False, lengths=lengths)

@@ -44,14 +44,26 @@ def _torch_rnn(mode: str, L: int, proj: int, lengths):
     return run
 
 
-def _fast_rnn(mode: str, L: int, proj: int, lengths):
+def _fast_rnn(mode: str, L: int, proj: int, lengths, persistent: bool = False):
+    from ..ops import rnn_persistent
+
     def run(x, *weights):
         inp = x
         if lengths is not None:
             inp = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
-        out = ops.rnn(mode, inp, None, list(weights), True, L, 0.0, True, False, False, proj_size=proj)[0]
+        with rnn_persistent.use_persistent(persistent):
+            out = ops.rnn(mode, inp, None, list(weights), True, L, 0.0, True, False, False, proj_size=proj)[0]
         return out.data if lengths is not None else out
     return run
+
+
+def _persistent_fits(mode: str, B: int, H: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """The persistent kernel is timed (as "fastnets-persistent") where it would run."""
+    from ..ops import rnn_persistent
+    if device.type != "cuda" or rnn_persistent.runner(device) is None:
+        return False
+    sms, smem = rnn_persistent._device_limits(device.index if device.index is not None else 0)
+    return rnn_persistent.plan(mode, B, H, dtype, False, sms, smem)[0] is not None
 
 
 def _inputs(mode, T, B, I, H, L, proj, dtype):
@@ -88,6 +100,8 @@ def rnn_cases(device: torch.device, quick: bool) -> list[Case]:
                         impls = {"fastnets": _fast_rnn(mode, L, 0, None), "torch": _torch_rnn(mode, L, 0, None)}
                         if cuda:
                             impls["torch.compile"] = compiled(_torch_rnn(mode, L, 0, None))
+                        if _persistent_fits(mode, B, H, dtype, device):
+                            impls["fastnets-persistent"] = _fast_rnn(mode, L, 0, None, persistent=True)
                         cases.append(Case("rnn", mode.lower(), f"{mode} L{L} T{T} B{B} H{H}", B, dtype,
                                           _inputs(mode, T, B, I, H, L, 0, dtype), impls, io, 2 * io,
                                           modes=("fwd", "fwd_bwd"), flops_fwd=flops, flops_bwd=2 * flops))
@@ -115,9 +129,11 @@ def rnn_cases(device: torch.device, quick: bool) -> list[Case]:
             for B in ((1, 8) if cuda else (3,)):
                 flops = _flops("LSTM", 1, B, H, H, L)
                 io = (L * 8 * H * H) * es
+                impls = {"fastnets": _fast_rnn("LSTM", L, 0, None), "torch": _torch_rnn("LSTM", L, 0, None)}
+                if _persistent_fits("LSTM", B, H, dtype, device):
+                    impls["fastnets-persistent"] = _fast_rnn("LSTM", L, 0, None, persistent=True)
                 cases.append(Case("rnn", "lstm_decode_step", f"LSTM step L{L} B{B} H{H}", B, dtype,
-                                  _inputs("LSTM", 1, B, H, H, L, 0, dtype),
-                                  {"fastnets": _fast_rnn("LSTM", L, 0, None), "torch": _torch_rnn("LSTM", L, 0, None)},
+                                  _inputs("LSTM", 1, B, H, H, L, 0, dtype), impls,
                                   io, 2 * io, modes=("fwd",), flops_fwd=flops, flops_bwd=2 * flops))
     return cases + char_lm_cases(device, quick)
 

@@ -16,11 +16,17 @@ One device source, three ways to run it, tried in this order:
 3. neither: the per-step Triton path.
 
 Dispatch (`plan`) takes it for: no proj_size, fp16 / bf16 / fp32, batch <= MAX_BATCH, and
-W_hh slices that fit in shared memory with at most one CTA per SM. FASTNETS_RNN_PERSISTENT=0
-turns it off; the backend forced to "triton" never takes it.
+W_hh slices that fit in shared memory with at most one CTA per SM. Until its numerics and
+speed are measured on a GPU (none was available when it was written) it is opt-in: the
+default backend runs the per-step Triton path, and the persistent kernel runs where the
+shape fits when asked for: `FASTNETS_RNN_PERSISTENT=1`, `with use_persistent():`, or the
+backend forced to "cuda". `FASTNETS_RNN_PERSISTENT=0` or `use_persistent(False)` always
+refuses it; the backend forced to "triton" never takes it. The benchmark times it as
+"fastnets-persistent" beside the per-step path, which is how the default will be chosen.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -90,8 +96,28 @@ def _device_limits(index: int) -> tuple[int, int]:
     return props.multi_processor_count, int(optin)
 
 
-def enabled() -> bool:
-    return os.environ.get("FASTNETS_RNN_PERSISTENT", "1") != "0"
+_override: list = []   # use_persistent() blocks, innermost last (a module global, like _dispatch's stack)
+
+
+@contextlib.contextmanager
+def use_persistent(enabled: bool = True):
+    """Ask for the persistent kernel where the shape fits (True), or refuse it (False), inside
+    a ``with`` block; overrides FASTNETS_RNN_PERSISTENT."""
+    _override.append(bool(enabled))
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def wanted(forced_backend: Optional[str]) -> bool:
+    """Whether this call asks for the persistent kernel (see the module docstring)."""
+    if _override:
+        return _override[-1]
+    env = os.environ.get("FASTNETS_RNN_PERSISTENT", "")
+    if env in ("0", "1"):
+        return env == "1"
+    return forced_backend == "cuda"
 
 
 # --- runners -------------------------------------------------------------------------------------------
@@ -174,10 +200,10 @@ def maybe_run(mode: str, xg: torch.Tensor, h0: torch.Tensor, c0, w_hh: torch.Ten
     or None where it does not apply (then the caller runs the per-step path). Takes and
     returns the per-step path's stacked tensors (a leading direction dim; direction 1 runs
     backwards in time) and buffers."""
-    if xg.device.type != "cuda" or not enabled() or _config.interpret_requested():
+    if xg.device.type != "cuda" or _config.interpret_requested():
         return None
     forced = (_dispatch._forced_stack[-1] if _dispatch._forced_stack else None) or _config.forced_backend()
-    if forced == "triton":
+    if forced == "triton" or not wanted(forced):
         return None
     index = xg.device.index if xg.device.index is not None else torch.cuda.current_device()
     sm_count, smem_limit = _device_limits(index)
