@@ -258,9 +258,11 @@ def _check_lengths(op: str, lengths, T: int, B: int, device) -> Tensor:
     if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.dim() != 1 or lengths.numel() != B:
         raise ValueError(f"{op}: lengths must be {B} integers (one per batch row), got {tuple(lengths.shape)} "
                          f"{lengths.dtype}")
-    cpu = lengths.cpu()
-    if not torch.compiler.is_compiling() and bool(((cpu < 1) | (cpu > T)).any()):
-        raise ValueError(f"{op}: lengths must be in [1, {T}] (the padded sequence length), got {cpu.tolist()}")
+    # Checked where that costs no device sync (a list or a CPU tensor, the usual case). CUDA
+    # lengths are taken as they are: a length past T runs all T steps, one under 1 none.
+    if lengths.device.type == "cpu" and not torch.compiler.is_compiling() and bool(((lengths < 1) |
+                                                                                     (lengths > T)).any()):
+        raise ValueError(f"{op}: lengths must be in [1, {T}] (the padded sequence length), got {lengths.tolist()}")
     return lengths.to(device=device, dtype=torch.int64)
 
 
