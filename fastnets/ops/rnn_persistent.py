@@ -141,8 +141,9 @@ def name_expressions() -> list[str]:
     return [name_expression(d, m) for d in CTYPES for m in CELLS]
 
 
-def nvrtc_options(arch: str) -> tuple[str, ...]:
-    return ("-std=c++17", f"--gpu-architecture={arch}", "--use_fast_math")
+def nvrtc_options() -> tuple[str, ...]:
+    """NVRTC options; CuPy adds the architecture of the device it compiles for."""
+    return ("-std=c++17", "--use_fast_math")
 
 
 def _cupy():
@@ -156,10 +157,8 @@ def _cupy():
 @functools.lru_cache(maxsize=None)
 def _nvrtc_module(index: int):
     cupy = _cupy()
-    major, minor = torch.cuda.get_device_capability(index)
-    arch = f"sm_{major}{minor}{'a' if major >= 9 else ''}"
     with cupy.cuda.Device(index):
-        return cupy.RawModule(code=nvrtc_source(), options=nvrtc_options(arch), name_expressions=name_expressions(),
+        return cupy.RawModule(code=nvrtc_source(), options=nvrtc_options(), name_expressions=name_expressions(),
                               enable_cooperative_groups=True)
 
 
