@@ -99,9 +99,14 @@ def _default(op: str, device: torch.device, unsupported: str | None) -> tuple[st
     return "torch", f"{device.type} tensor: fastnets' kernels need CUDA (or TRITON_INTERPRET=1 on CPU)"
 
 
+def forced_backend() -> str | None:
+    """The backend forced by the innermost `backend(...)` block, else FASTNETS_BACKEND, else None."""
+    return (_forced_stack[-1] if _forced_stack else None) or _config.forced_backend()
+
+
 def explain(op: str, device: torch.device, unsupported: str | None = None) -> tuple[str, str]:
     """(backend, why) for one call of `op` on `device`; raises if a forced backend cannot run."""
-    forced = (_forced_stack[-1] if _forced_stack else None) or _config.forced_backend()
+    forced = forced_backend()
     if forced is None or forced == "torch":
         return _default(op, device, unsupported) if forced is None else ("torch", "forced")
     if unsupported:
@@ -142,7 +147,7 @@ def choose(op: str, device: torch.device, unsupported: str | None = None, *, emp
         if not torch.compiler.is_compiling():
             calls[(op, "torch")] += 1
         return "torch"
-    forced = (_forced_stack[-1] if _forced_stack else None) or _config.forced_backend()
+    forced = forced_backend()
     if name == "torch" and forced != "torch":
         warn_once((op, why), f"fastnets.{op}: running the torch reference ({why})")
         if not torch.compiler.is_compiling():

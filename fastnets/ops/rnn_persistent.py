@@ -201,7 +201,7 @@ def maybe_run(mode: str, xg: torch.Tensor, h0: torch.Tensor, c0, w_hh: torch.Ten
     backwards in time) and buffers."""
     if xg.device.type != "cuda" or _config.interpret_requested():
         return None
-    forced = (_dispatch._forced_stack[-1] if _dispatch._forced_stack else None) or _config.forced_backend()
+    forced = _dispatch.forced_backend()
     if forced == "triton" or not wanted(forced):
         return None
     index = xg.device.index if xg.device.index is not None else torch.cuda.current_device()
