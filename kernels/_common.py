@@ -114,6 +114,15 @@ def persistent_programs(device: torch.device, work_items: int, per_sm: int = 2) 
     return max(1, min(cap, work_items))
 
 
+def pointwise_config(numel: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK, num_warps) for the flat pointwise kernels (bias_act, the sampler steps): 16 B
+    per thread per access at 4 warps x 1024 elements keeps enough bytes in flight; 8 warps x
+    2048 past 4M elements; the interpreter prefers big blocks."""
+    if not gpu_launch(device):
+        return 4096, 4
+    return (2048, 8) if numel >= (1 << 22) else (1024, 4)
+
+
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, n))
 

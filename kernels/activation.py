@@ -179,14 +179,6 @@ def _act_bwd_kernel(
             tl.store(part + C + cols, acc_up, mask=cmask)
 
 
-def _launch_config(numel: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK, num_warps) for the pointwise kernels: 16 B per thread per access at 4 warps
-    x 1024 elements keeps enough bytes in flight; the interpreter prefers big blocks."""
-    if not _common.gpu_launch(device):
-        return 4096, 4
-    return (2048, 8) if numel >= (1 << 22) else (1024, 4)
-
-
 def _bwd_tile_config(C: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_C, num_warps) for the 2-D backward: 256 columns keep each row segment
     a whole number of 128-byte lines; 8 rows on 8 warps give every thread 8 elements (16
@@ -212,7 +204,7 @@ def bias_act_fwd(x: torch.Tensor, bias: torch.Tensor | None, activation: str, sl
     numel = M * out_cols
     if numel == 0:
         return y
-    block, warps = _launch_config(numel, x.device)
+    block, warps = _common.pointwise_config(numel, x.device)
     kernel = _gated_act_fwd_kernel if gated else _bias_act_fwd_kernel
     kernel[(triton.cdiv(numel, block),)](
         x, bias if bias is not None else x, y, numel, out_cols, float(slope),

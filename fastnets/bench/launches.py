@@ -379,6 +379,46 @@ def _rnn_cases(case):
                                        lens)
 
 
+def _diffusion_cases(case):
+    from fastnets.kernels import diffusion
+    # The sampler step's flag sets the schedulers and fastnets.diffusion.sample launch: DDIM /
+    # Euler / DPM++ (no noise), DDPM / DDIM eta / Euler a / SDE (noise), DPM++ 2M (history,
+    # with and without noise), guidance (and rescale), clipping, thresholding, learned variance;
+    # at the benchmark's 64x4x128x128 latents (8 warps x 2048) and a batch-1 64x64 latent.
+    # (flags, write x0): the schedulers' step() returns x0 (DPM-Solver does not); sample() does not.
+    combos = ((dict(), (False, True)), (dict(clip=True), (True,)), (dict(clip=True, noise=True), (True,)),
+              (dict(noise=True), (False, True)), (dict(hist=True), (False,)), (dict(noise=True, hist=True), (False,)),
+              (dict(cfg=True), (False, True)), (dict(cfg=True, hist=True), (False,)),
+              (dict(cfg=True, noise=True), (False,)), (dict(cfg=True, rescale=True), (True,)),
+              (dict(thresh=True, noise=True), (True,)), (dict(var="learned", noise=True, clip=True), (True,)),
+              (dict(var="learned_range", noise=True, clip=True), (True,)))
+    flat = [(combo, x0) for combo, x0s in combos for x0 in x0s]
+    for dtype, shape, (combo, x0) in itertools.product(DTYPES, ((64, 4, 128, 128), (1, 4, 64, 64)), flat):
+        case(f"sampler_step {shape} {sorted(combo.items())} x0={x0}")
+        B, C = shape[0], shape[1]
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        x = meta(*shape, dtype=dtype)
+        var = combo.get("var", "none")
+        m = meta(2 * B if combo.get("cfg") else B, 2 * C if var != "none" else C, *shape[2:], dtype=dtype)
+        diffusion.sampler_step(x, m, meta(50, diffusion.N_COEFS, dtype=acc), meta(1, dtype=torch.int32),
+                               meta(*shape, dtype=dtype) if combo.get("noise") else None,
+                               meta(*shape, dtype=acc) if combo.get("hist") else None,
+                               meta(B) if combo.get("thresh") else None, meta(B) if combo.get("rescale") else None,
+                               7.5 if combo.get("cfg") else None, 1.0 if combo.get("clip") else None, var, x0, dtype)
+    for dtype, target in itertools.product(DTYPES, ("none", "v_prediction")):
+        case(f"q_sample {target}")
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        x0 = meta(64, 4, 64, 64, dtype=dtype)
+        t, table = meta(64, dtype=torch.int64), meta(1000, 2, dtype=acc)
+        diffusion.q_sample_fwd(x0, meta(64, 4, 64, 64, dtype=dtype), t, table, target)
+        diffusion.q_sample_bwd(meta(64, 4, 64, 64, dtype=dtype),
+                               meta(64, 4, 64, 64, dtype=dtype) if target != "none" else None, t, table)
+    for dtype, dim, flip, tdtype in itertools.product(DTYPES, (320, 128, 33), (False, True),
+                                                      (torch.int64, torch.float32)):
+        case(f"timestep_embedding dim={dim}")
+        diffusion.timestep_embedding(meta(64, dtype=tdtype), meta(dim // 2), dim, 1.0, flip, dtype)
+
+
 FAMILIES = {
     "norm": _norm_cases,
     "activation": _activation_cases,
@@ -387,6 +427,7 @@ FAMILIES = {
     "attention": _attention_cases,
     "transformer": _transformer_cases,
     "rnn": _rnn_cases,
+    "diffusion": _diffusion_cases,
 }
 
 
