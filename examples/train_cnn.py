@@ -24,47 +24,8 @@ if not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 
 import fastnets  # noqa: E402
+from fastnets.datasets import load_digits, synthetic_digits  # noqa: E402,F401  (synthetic_digits: re-exported)
 from fastnets.models import transfer  # noqa: E402
-
-
-# Seven-segment strokes (row0, col0, row1, col1 on an 8x8 grid) and the segments of each digit:
-# the fallback dataset when scikit-learn is not installed.
-_SEGMENTS = {"a": (1, 2, 1, 5), "b": (1, 5, 3, 5), "c": (4, 5, 6, 5), "d": (6, 2, 6, 5), "e": (4, 2, 6, 2),
-             "f": (1, 2, 3, 2), "g": (3, 2, 4, 5)}
-_DIGITS = ["abcdef", "bc", "abged", "abgcd", "fgbc", "afgcd", "afgedc", "abc", "abcdefg", "abcdfg"]
-
-
-def synthetic_digits(n: int = 1800, seed: int = 0):
-    """Seven-segment digits, randomly shifted, thickened and noised: 8x8, values 0..16."""
-    g = torch.Generator().manual_seed(seed)
-    images, labels = torch.zeros(n, 8, 8), torch.arange(n) % 10
-    for i in range(n):
-        for seg in _DIGITS[int(labels[i])]:
-            r0, c0, r1, c1 = _SEGMENTS[seg]
-            images[i, r0:r1 + 1, c0:c1 + 1] = 16.0
-        dy, dx = torch.randint(-1, 2, (2,), generator=g).tolist()
-        images[i] = torch.roll(images[i], (dy, dx), (0, 1))
-    images = (images + 3 * torch.randn(n, 8, 8, generator=g)).clamp(0, 16)
-    return images.numpy(), labels.numpy()
-
-
-def load_digits(size: int, channels: int, seed: int = 0):
-    """(x_train, y_train, x_test, y_test): scikit-learn's bundled digits (or, without it,
-    generated seven-segment digits) scaled, normalized and upsampled to size x size."""
-    try:
-        from sklearn.datasets import load_digits as sk_digits
-        data = sk_digits()
-        images, target = data.images, data.target
-    except ImportError:
-        print("scikit-learn not installed: using generated seven-segment digits instead")
-        images, target = synthetic_digits(seed=seed)
-    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    x = ((x - x.mean()) / x.std()).repeat(1, channels, 1, 1)
-    y = torch.tensor(target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    split = int(0.8 * len(y))
-    return x[perm[:split]], y[perm[:split]], x[perm[split:]], y[perm[split:]]
 
 
 def progress(iterable, total, desc):

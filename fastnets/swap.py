@@ -62,6 +62,24 @@ class Rule:
     source: Optional[type] = None   # class rules: the torch class they convert
 
 
+_PATCHED: dict = {}
+
+
+def patched_class(base: type, forward, home, **attrs) -> type:
+    """A subclass of another library's module class with fastnets' forward (the integrations'
+    rules): swapping is a class change like every other rule, and unswap() restores `base`.
+    The class is named in `home` (the integration's module), so a swapped model pickles
+    (torch.save(model)) like any other; the suffix keeps two bases of one name apart."""
+    key = (base, forward, tuple(sorted(attrs.items())))
+    if key not in _PATCHED:
+        name = f"Fastnets{base.__name__}_{len(_PATCHED)}"
+        cls = type(name, (base,), {"forward": forward, "__module__": home.__name__, "__qualname__": name,
+                                   "__doc__": forward.__doc__, **attrs})
+        setattr(home, name, cls)
+        _PATCHED[key] = cls
+    return _PATCHED[key]
+
+
 def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 

@@ -39,3 +39,18 @@ def test_train_char_lm_smoke_save_resume(tmp_path):
     resumed = lm.main(["--resume", str(ckpt), "--steps", "3", "--sample", "0", "--seq-len", "12", "--batch-size", "4",
                        "--no-progress", "--max-chars", "20000"])
     assert resumed["steps"] == 3 and torch.isfinite(torch.tensor(resumed["loss"]))
+
+
+def test_train_diffusion_smoke_save_resume(tmp_path):
+    ddpm = _load("train_diffusion")
+    ckpt, out = tmp_path / "ddpm.pt", tmp_path / "grids"
+    small = ["--size", "8", "--channels", "8,16", "--groups", "4", "--batch-size", "4", "--no-progress",
+             "--out", str(out)]
+    first = ddpm.main(small + ["--steps", "2", "--samples", "4", "--sample-steps", "2", "--save", str(ckpt),
+                               "--class-cond", "--guidance-scale", "2.0"])
+    assert first["steps"] == 2 and torch.isfinite(torch.tensor(first["losses"])).all()
+    grid = Path(first["grids"][-1])
+    assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    resumed = ddpm.main(["--resume", str(ckpt), "--steps", "3", "--samples", "0", "--size", "8", "--batch-size", "4",
+                         "--no-progress"])
+    assert resumed["steps"] == 3 and len(resumed["losses"]) == 1

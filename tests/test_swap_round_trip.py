@@ -219,3 +219,24 @@ def test_swapped_hf_model_pickles_and_unswaps_after_loading(tmp_path):
     fastnets.unswap(loaded)
     assert type(loaded.model.norm).__name__ == "LlamaRMSNorm"
     assert loaded.config._attn_implementation == "eager"
+
+
+def test_round_trip_diffusers_unet():
+    """swap() on diffusers' own UNet2DModel: GroupNorm, Conv2d, the fused ResnetBlock2D
+    forward and the attention processor; unswap() restores classes and processors."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                  block_out_channels=(16, 32), norm_num_groups=8,
+                                  down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                  up_block_types=("AttnUpBlock2D", "UpBlock2D")).to(DEVICE).eval()
+    x = torch.randn(2, 3, 8, 8, device=DEVICE)
+    t = torch.tensor([7, 640], device=DEVICE)
+
+    def run(m):
+        return m(x.to(next(m.parameters()).dtype), t).sample
+    processors = {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
+    report = check_round_trip(model, run, ("conv2d", "group_norm", "scaled_dot_product_attention"))
+    rules = {rule for *_, rule in report.replaced}
+    assert {"diffusers.attention", "diffusers.resnet"} <= rules
+    assert all(model.get_submodule(n).processor is p for n, p in processors.items())

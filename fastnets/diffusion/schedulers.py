@@ -240,13 +240,21 @@ class _FusedScheduler:
             self._plans[key] = self._build_plan(*key)
         return self._plans[key]
 
-    def _x0_coefs(self, prediction_type: str, x_scale: float, m_scale: float, alpha: float, sigma: float):
-        raise NotImplementedError
+    def _kernel_options(self, model_output: Tensor, sample: Tensor) -> tuple[Tensor, dict]:
+        """The model output as the kernel reads it, and the config's per-element options
+        (clipping, thresholding, learned variance): shared by step() and sample()'s graph."""
+        return model_output, {}
+
+    def _clip_options(self) -> dict:
+        cfg = self.config
+        return {"clip_sample_range": cfg.clip_sample_range if cfg.get("clip_sample") and not cfg.thresholding else None,
+                "thresholding": (cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if cfg.thresholding else None}
 
     def _fused_step(self, model_output: Tensor, sample: Tensor, i: int, plan: _Plan, *, generator, variance_noise,
-                    guidance_scale, guidance_rescale, clip_range=None, thresholding=None, variance="none"):
+                    guidance_scale, guidance_rescale):
         if not isinstance(model_output, Tensor) or not isinstance(sample, Tensor):
             raise TypeError(f"{type(self).__name__}.step: model_output and sample must be tensors")
+        model_output, options = self._kernel_options(model_output, sample)
         noise = None
         if plan.noise[i]:
             if variance_noise is not None:
@@ -271,8 +279,7 @@ class _FusedScheduler:
         with torch.no_grad():
             prev, x0 = ops.sampler_step(sample, model_output, table, index, noise=noise, history=history,
                                         guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                                        clip_sample_range=clip_range, thresholding=thresholding, variance=variance,
-                                        return_x0=self._returns_x0)
+                                        return_x0=self._returns_x0, **options)
         if guidance_scale is None and model_output.dtype != prev.dtype:
             prev = prev.to(model_output.dtype)
         return prev, x0
@@ -407,21 +414,20 @@ class DDPMScheduler(_FusedScheduler):
         """diffusers' DDPMScheduler.step. fastnets extras: variance_noise (the noise to use),
         guidance_scale / guidance_rescale (model_output batched [uncond | cond])."""
         i = self._lookup(timestep)
-        cfg = self.config
-        C = sample.shape[1]
-        variance = "none"
+        prev, x0 = self._fused_step(model_output, sample, i, self._plan(()), generator=generator,
+                                    variance_noise=variance_noise, guidance_scale=guidance_scale,
+                                    guidance_rescale=guidance_rescale)
+        return self._output(prev, x0, return_dict)
+
+    def _kernel_options(self, model_output: Tensor, sample: Tensor) -> tuple[Tensor, dict]:
+        options = self._clip_options()
         if self.variance_type in ("learned", "learned_range"):
+            C = sample.shape[1]
             if model_output.shape[1] != 2 * C:
                 raise ValueError(f"DDPMScheduler: variance_type {self.variance_type!r} needs model_output with 2 x "
                                  f"{C} channels (prediction | variance), got {model_output.shape[1]}")
-            variance = self.variance_type
-        prev, x0 = self._fused_step(
-            model_output, sample, i, self._plan(()), generator=generator, variance_noise=variance_noise,
-            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-            clip_range=cfg.clip_sample_range if cfg.clip_sample and not cfg.thresholding else None,
-            thresholding=(cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if cfg.thresholding else None,
-            variance=variance)
-        return self._output(prev, x0, return_dict)
+            options["variance"] = self.variance_type
+        return model_output, options
 
     def _loop_plan(self, **kw) -> _Plan:
         return self._plan(())
@@ -488,16 +494,16 @@ class DDIMScheduler(_FusedScheduler):
         (model_output batched [uncond | cond])."""
         self._require_timesteps()
         i = self._lookup(timestep)
-        cfg = self.config
         eta = float(eta)
         if eta < 0:
             raise ValueError(f"DDIMScheduler.step: eta must be >= 0, got {eta}")
         prev, x0 = self._fused_step(
             model_output, sample, i, self._plan((eta, bool(use_clipped_model_output))), generator=generator,
-            variance_noise=variance_noise, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-            clip_range=cfg.clip_sample_range if cfg.clip_sample and not cfg.thresholding else None,
-            thresholding=(cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if cfg.thresholding else None)
+            variance_noise=variance_noise, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
         return self._output(prev, x0, return_dict)
+
+    def _kernel_options(self, model_output: Tensor, sample: Tensor) -> tuple[Tensor, dict]:
+        return model_output, self._clip_options()
 
     def _loop_plan(self, eta: float = 0.0, use_clipped_model_output: bool = False, **kw) -> _Plan:
         return self._plan((float(eta), bool(use_clipped_model_output)))
@@ -927,18 +933,19 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
         expected = self._order_at(i, self.lower_order_nums)
         if expected != self._order_at(i, i - self._run_begin):
             plan = self._plan((i - self.lower_order_nums,))
-        C = sample.shape[1]
-        if cfg.variance_type in ("learned", "learned_range") and model_output.shape[1] == 2 * C:
-            model_output = model_output[:, :C].contiguous()     # the predicted variance is not used here
-        prev, _ = self._fused_step(
-            model_output, sample, i, plan, generator=generator, variance_noise=variance_noise,
-            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-            thresholding=(cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if cfg.thresholding else None)
+        prev, _ = self._fused_step(model_output, sample, i, plan, generator=generator, variance_noise=variance_noise,
+                                   guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
         if self.lower_order_nums < cfg.solver_order:
             self.lower_order_nums += 1
         self._step_index += 1
         out = SchedulerOutput(prev)
         return out if return_dict else (prev,)
+
+    def _kernel_options(self, model_output: Tensor, sample: Tensor) -> tuple[Tensor, dict]:
+        C = sample.shape[1]
+        if self.config.variance_type in ("learned", "learned_range") and model_output.shape[1] == 2 * C:
+            model_output = model_output[:, :C].contiguous()     # the predicted variance is not used here
+        return model_output, self._clip_options()
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """alpha_t x + sigma_t noise with (alpha_t, sigma_t) of the schedule's sigma at t."""

@@ -2,3 +2,4 @@
 in fastnets.swap and imports none of the libraries (each imports its library when a rule
 matches one of its modules, or when its functions are called)."""
 from . import transformers  # noqa: F401
+from . import diffusers  # noqa: F401,E402

@@ -16,6 +16,7 @@ registry appeared in transformers 4.48).
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..swap import Match, Rule, register_rule, swap
+from ..swap import Match, Rule, patched_class, register_rule, swap
 from ..nn import fused_activation_name
 
 NAME = "fastnets"
@@ -87,23 +88,6 @@ def _from_transformers(m: nn.Module) -> bool:
     return type(m).__module__.startswith("transformers.")
 
 
-_PATCHED: dict = {}
-
-
-def _patched_class(base: type, forward, **attrs) -> type:
-    """A subclass of a transformers module class with fastnets' forward: swapping is a class
-    change like every other rule, and unswap() restores `base`."""
-    key = (base, forward, tuple(sorted(attrs.items())))
-    if key not in _PATCHED:
-        # A module-level name, so a swapped model pickles (torch.save(model)) like any other;
-        # the suffix keeps two bases of the same name (or offsets) apart.
-        name = f"Fastnets{base.__name__}_{len(_PATCHED)}"
-        cls = type(name, (base,), {"forward": forward, "__module__": __name__, "__qualname__": name,
-                                   "__doc__": forward.__doc__, **attrs})
-        globals()[name] = _PATCHED[key] = cls
-    return _PATCHED[key]
-
-
 def _rms_forward(self, hidden_states: Tensor) -> Tensor:
     """RMSNorm on fastnets' rms_norm kernel (Gemma's (1 + w) as offset=1)."""
     eps = getattr(self, "variance_epsilon", None) or getattr(self, "eps", 1e-6)
@@ -155,7 +139,7 @@ def _find(model: nn.Module, pred) -> list:
 
 def _reclass(model: nn.Module, match, forward, **attrs) -> dict:
     m = model.get_submodule(match.names[0])
-    m.__class__ = _patched_class(type(m), forward, **attrs)
+    m.__class__ = patched_class(type(m), forward, sys.modules[__name__], **attrs)
     return {match.names[0]: {}}
 
 

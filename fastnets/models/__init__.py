@@ -1,5 +1,6 @@
 """Full models built on fastnets.nn: ResNet (torchvision layout), VGG, SimpleCNN, GPT, BERT,
-T5, a character-level LSTM / GRU language model and a sequence classifier, and
+T5, a character-level LSTM / GRU language model and a sequence classifier, the diffusion
+UNet2D (diffusers' UNet2DModel layout), and
 transfer-learning helpers (fastnets.models.transfer)."""
 from . import transfer
 from .bert import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
@@ -8,8 +9,10 @@ from .rnn import CharLM, CharLMConfig, CharVocab, SequenceClassifier, python_tex
 from .resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50, resnet101
 from .simple_cnn import SimpleCNN
 from .t5 import T5Config, T5ForConditionalGeneration
+from .unet import UNet2D, UNet2DConfig, UNet2DOutput
 from .vgg import VGG, vgg11, vgg11_bn, vgg16
 
 __all__ = ["BasicBlock", "BertConfig", "BertForMaskedLM", "BertForSequenceClassification", "BertModel", "Bottleneck",
-           "CharLM", "CharLMConfig", "CharVocab", "GPT", "GPTConfig", "KVCache", "ResNet", "SequenceClassifier", "SimpleCNN", "T5Config", "T5ForConditionalGeneration", "VGG",
+           "CharLM", "CharLMConfig", "CharVocab", "GPT", "GPTConfig", "KVCache", "ResNet", "SequenceClassifier", "SimpleCNN", "T5Config", "T5ForConditionalGeneration", "UNet2D",
+           "UNet2DConfig", "UNet2DOutput", "VGG",
            "python_text", "resnet18", "resnet34", "resnet50", "resnet101", "transfer", "vgg11", "vgg11_bn", "vgg16"]
