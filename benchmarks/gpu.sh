@@ -33,6 +33,7 @@ PARTS=(
   "bench-attention|benchmark: flash attention fwd/bwd, 1k-16k, causal and not, vs SDPA / FlashAttention-2|7"
   "bench-transformer|benchmark: decode, rope, cross-entropy, fused LM head|6"
   "bench-rnn|benchmark: 2-layer LSTM / GRU fwd and fwd+bwd, packed, proj_size, decode step vs cuDNN / compile|7"
+  "bench-diffusion|benchmark: sampler steps vs diffusers, q_sample, 50-step loops (CUDA graph), UNet2D train step|6"
   "bench-model|benchmark: ResNet-50 and GPT-2 124M training steps vs eager / torch.compile|7"
 )
 
@@ -96,6 +97,7 @@ run_part() {
     bench-attention)   $PY -m fastnets bench --merge --out "$OUT" $QUICK --ops attention ;;
     bench-transformer) $PY -m fastnets bench --merge --out "$OUT" $QUICK --ops decode rope cross_entropy lm_head ;;
     bench-rnn)         $PY -m fastnets bench --merge --out "$OUT" $QUICK --ops rnn ;;
+    bench-diffusion)   $PY -m fastnets bench --merge --out "$OUT" $QUICK --ops diffusion ;;
     bench-model)       $PY -m fastnets bench --merge --out "$OUT" $QUICK --ops model ;;
     *) echo "unknown part: $name"; return 2 ;;
   esac

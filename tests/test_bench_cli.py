@@ -71,3 +71,15 @@ def _bad_grad(x):
         def backward(ctx, g):
             return g * 5.0
     return WrongGrad.apply(x)
+
+
+def test_bench_diffusion_cases_run_and_check(tmp_path):
+    """The diffusion family end to end (functional on CPU): every step kind's fused path
+    agrees with the torch formula on the same noise and history, before any timing."""
+    out = subprocess.run([sys.executable, "-m", "fastnets", "bench", "--quick", "--ops", "diffusion",
+                          "--out", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["results"]
+    ops_seen = {r["op"] for r in rows}
+    assert {"step_ddim", "step_ddpm", "step_ddim_cfg", "q_sample", "timestep_embedding"} <= ops_seen
+    assert all(r["error"] is None for r in rows if r["impl"].startswith("fastnets"))

@@ -36,7 +36,11 @@ CASES = {
     "rnn_lstm": (lambda x, w, b: ops.lstm(x, None, [w, b, w * 0.5, b * 0.5], False, 2)[0], (5, 2, 4), (16, 4)),
     "rnn_gru_lengths": (lambda x, w, b: ops.gru(x, None, [w, b, b, w], False, 1, 0.0, True, True,
                                                 lengths=[4, 1, 3])[0], (4, 3, 4), (12, 4)),
+    # The forward process with the v target: x0 = x, noise = w, a gradient to both.
+    "q_sample": (lambda x, w, b: sum(ops.q_sample(x, w, torch.tensor([0, 500, 999], device=x.device), _ACP,
+                                                  target="v_prediction")) * b, (3, 4, 5), (3, 4, 5)),
 }
+_ACP = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)
 
 
 # The dispatch op each case must run on the kernel backend (eager), and find as a
@@ -93,3 +97,29 @@ def test_inductor_compiles_a_norm_block():
     assert_close(out, eager_out.double(), torch.float32, "inductor block")
     for i, (g, e) in enumerate(zip(grads, eager_grads)):
         assert_close(g, e.double(), torch.float32, f"inductor block grad {i}")
+
+
+def test_compiled_sampler_step_and_timestep_embedding():
+    """The inference ops (no autograd) trace fullgraph too: a guided DPM-style step with a
+    device step index and an in-place history, and the embedding."""
+    g = torch.Generator().manual_seed(0)
+    x, m = torch.randn(2, 3, 4, 5, generator=g).to(DEVICE), torch.randn(4, 3, 4, 5, generator=g).to(DEVICE)
+    table = torch.randn(6, ops.diffusion.N_COEFS, generator=g).to(DEVICE) * 0.5
+    index = torch.tensor([3], device=DEVICE)
+    t = torch.tensor([1, 999], device=DEVICE)
+
+    def fn(x, m, hist):
+        out, x0 = ops.sampler_step(x, m, table, index, history=hist, guidance_scale=5.0, clip_sample_range=1.0,
+                                   return_x0=True)
+        return out + x0 + ops.timestep_embedding(t, 60, True, 0).sum()
+
+    hist_eager, hist_compiled = torch.zeros_like(x), torch.zeros_like(x)
+    with expect_backend("sampler_step"), expect_backend("timestep_embedding"):
+        want = fn(x, m, hist_eager)
+    torch._dynamo.reset()
+    seen: list = []
+    got = torch.compile(fn, backend=_recording_backend(seen), fullgraph=True)(x, m, hist_compiled)
+    for op in ("fastnets.sampler_step", "fastnets.timestep_embedding"):
+        assert any(t.startswith(op) for t in seen), f"{op} not in the compiled graph: {seen}"
+    assert_close(got, want.double(), torch.float32, "compiled sampler step")
+    assert_close(hist_compiled, hist_eager.double(), torch.float32, "compiled history update")

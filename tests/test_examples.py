@@ -44,13 +44,13 @@ def test_train_char_lm_smoke_save_resume(tmp_path):
 def test_train_diffusion_smoke_save_resume(tmp_path):
     ddpm = _load("train_diffusion")
     ckpt, out = tmp_path / "ddpm.pt", tmp_path / "grids"
-    small = ["--size", "8", "--channels", "8,16", "--groups", "4", "--batch-size", "4", "--no-progress",
+    small = ["--size", "8", "--channels", "8,16", "--groups", "4", "--batch-size", "2", "--no-progress",
              "--out", str(out)]
-    first = ddpm.main(small + ["--steps", "2", "--samples", "4", "--sample-steps", "2", "--save", str(ckpt),
+    first = ddpm.main(small + ["--steps", "2", "--samples", "2", "--sample-steps", "1", "--save", str(ckpt),
                                "--class-cond", "--guidance-scale", "2.0"])
     assert first["steps"] == 2 and torch.isfinite(torch.tensor(first["losses"])).all()
     grid = Path(first["grids"][-1])
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    resumed = ddpm.main(["--resume", str(ckpt), "--steps", "3", "--samples", "0", "--size", "8", "--batch-size", "4",
+    resumed = ddpm.main(["--resume", str(ckpt), "--steps", "3", "--samples", "0", "--size", "8", "--batch-size", "2",
                          "--no-progress"])
     assert resumed["steps"] == 3 and len(resumed["losses"]) == 1

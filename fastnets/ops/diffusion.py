@@ -241,7 +241,9 @@ def q_sample(x0: Tensor, noise: Tensor, timesteps: Tensor, alphas_cumprod: Tenso
     if timesteps.numel() != B:
         raise ValueError(f"{op}: timesteps must have one entry per sample ({B}), got {timesteps.numel()}")
     _checks.tensor(op, "alphas_cumprod", alphas_cumprod, min_dim=1)
-    if timesteps.device.type == "cpu" and B and (int(timesteps.min()) < 0 or
+    # The range check reads the timesteps: only where that costs no device sync (and not
+    # while torch.compile traces, where it would break the graph).
+    if timesteps.device.type == "cpu" and B and not torch.compiler.is_compiling() and (int(timesteps.min()) < 0 or
                                                  int(timesteps.max()) >= alphas_cumprod.shape[0]):
         raise ValueError(f"{op}: timesteps must lie in [0, {alphas_cumprod.shape[0]}), got "
                          f"[{int(timesteps.min())}, {int(timesteps.max())}]")
