@@ -223,7 +223,8 @@ def test_swapped_hf_model_pickles_and_unswaps_after_loading(tmp_path):
 
 def test_round_trip_diffusers_unet():
     """swap() on diffusers' own UNet2DModel: GroupNorm, Conv2d, the fused ResnetBlock2D
-    forward and the attention processor; unswap() restores classes and processors."""
+    forward, the timestep embedding and the attention processor; unswap() restores classes
+    and processors."""
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     model = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
@@ -236,7 +237,8 @@ def test_round_trip_diffusers_unet():
     def run(m):
         return m(x.to(next(m.parameters()).dtype), t).sample
     processors = {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
-    report = check_round_trip(model, run, ("conv2d", "group_norm", "scaled_dot_product_attention"))
+    report = check_round_trip(model, run, ("conv2d", "group_norm", "scaled_dot_product_attention",
+                                           "timestep_embedding"))
     rules = {rule for *_, rule in report.replaced}
-    assert {"diffusers.attention", "diffusers.resnet"} <= rules
+    assert {"diffusers.attention", "diffusers.resnet", "diffusers.timesteps"} <= rules
     assert all(model.get_submodule(n).processor is p for n, p in processors.items())

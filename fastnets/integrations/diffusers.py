@@ -3,7 +3,7 @@
     fastnets.swap(unet)     # GroupNorm, Conv2d (class rules) and every Attention on fastnets
     fastnets.unswap(unet)   # and back, exactly
 
-Two rules here:
+Three rules here:
 - "diffusers.attention" sets `FastnetsAttnProcessor` on diffusers' `Attention` modules whose
   processor is the standard one (AttnProcessor2_0 / AttnProcessor): the same computation
   with the score matrix never formed (flash kernels). Other processors (IP-adapter, LoRA,
@@ -11,6 +11,8 @@ Two rules here:
 - "diffusers.resnet" gives `ResnetBlock2D` (SiLU, default time conditioning, no resampling
   inside the block) a forward whose two GroupNorm -> SiLU pairs are one fused kernel each:
   two fewer full read+write passes per block.
+- "diffusers.timesteps" runs the `Timesteps` module (the sinusoidal embedding every UNet's
+  `time_proj` is) as one kernel (fastnets.ops.timestep_embedding).
 diffusers is optional: nothing here imports it.
 """
 from __future__ import annotations
@@ -84,6 +86,12 @@ def _resnet_forward(self, input_tensor: Tensor, temb: Optional[Tensor], *args, *
     return (input_tensor + h) / self.output_scale_factor
 
 
+def _timesteps_forward(self, timesteps: Tensor) -> Tensor:
+    """diffusers' Timesteps.forward (get_timestep_embedding) in one fastnets kernel."""
+    return ops.timestep_embedding(timesteps, self.num_channels, self.flip_sin_to_cos, self.downscale_freq_shift,
+                                  self.scale)
+
+
 def _from_diffusers(m: nn.Module) -> bool:
     return type(m).__module__.startswith("diffusers.")
 
@@ -92,12 +100,6 @@ def _is_plain_resnet(m: nn.Module) -> bool:
     return (type(m).__name__ == "ResnetBlock2D" and _from_diffusers(m) and isinstance(m.nonlinearity, nn.SiLU)
             and m.time_embedding_norm == "default" and m.upsample is None and m.downsample is None
             and all(isinstance(getattr(m, n, None), nn.GroupNorm) for n in ("norm1", "norm2")))
-
-
-def _resnet_convert(model: nn.Module, match) -> dict:
-    m = model.get_submodule(match.names[0])
-    m.__class__ = patched_class(type(m), _resnet_forward, sys.modules[__name__])
-    return {match.names[0]: {}}
 
 
 def _is_standard_attention(m: nn.Module) -> bool:
@@ -120,9 +122,18 @@ def _revert(m: nn.Module, saved: dict) -> None:
     m.processor = saved["processor"]
 
 
+def _reclass(model: nn.Module, match, forward) -> dict:
+    m = model.get_submodule(match.names[0])
+    m.__class__ = patched_class(type(m), forward, sys.modules[__name__])
+    return {match.names[0]: {}}
+
+
 RULES = [
+    Rule("diffusers.timesteps", lambda model: [Match((n,)) for n, m in model.named_modules()
+                                               if type(m).__name__ == "Timesteps" and _from_diffusers(m)],
+         lambda model, match: _reclass(model, match, _timesteps_forward), target="fastnets timestep_embedding"),
     Rule("diffusers.resnet", lambda model: [Match((n,)) for n, m in model.named_modules() if _is_plain_resnet(m)],
-         _resnet_convert, target="fused GroupNorm+SiLU ResnetBlock2D forward"),
+         lambda model, match: _reclass(model, match, _resnet_forward), target="fused GroupNorm+SiLU ResnetBlock2D forward"),
     Rule("diffusers.attention", _find, _convert, _revert, target="FastnetsAttnProcessor (flash kernels)",
          changes_class=False, note="diffusers Attention with the standard processor"),
 ]
