@@ -52,7 +52,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     extra = ""
     if baseline is not None and dtype in (torch.float16, torch.bfloat16):
         torch_err = (baseline.detach().double().cpu()[finite] - e).abs()
-        allowed = torch.maximum(allowed, 2 * torch_err)
+        allowed = torch.maximum(torch.as_tensor(allowed, dtype=torch.float64), 2 * torch_err)
         extra = f"; torch eager in {dtype} errs {torch_err.max().item():.3g} at most (allowed 2x per element)"
     bad = err > allowed
     if not bad.any():

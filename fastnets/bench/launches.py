@@ -419,6 +419,25 @@ def _diffusion_cases(case):
         diffusion.timestep_embedding(meta(64, dtype=tdtype), meta(dim // 2), dim, 1.0, flip, dtype)
 
 
+def _vae_cases(case):
+    from fastnets.kernels import vae
+    # An SD-VAE latent (8 moments channels, 64x64) and an odd one; eps given or drawn in the
+    # kernel; sample, KL or both; every backward input combination.
+    for dtype, shape, has_eps, (ws, wk) in itertools.product(DTYPES, ((16, 8, 64, 64), (3, 10, 7, 9)), (True, False),
+                                                             ((True, True), (True, False), (False, True))):
+        if not ws and has_eps:
+            continue
+        case(f"gaussian {shape} eps={has_eps} sample={ws} kl={wk}")
+        m = meta(*shape, dtype=dtype)
+        half = (shape[0], shape[1] // 2) + shape[2:]
+        eps = meta(*half, dtype=dtype) if has_eps else None
+        seed = None if has_eps else meta(1, dtype=torch.int64)
+        vae.gaussian_fwd(m, eps, seed, -30.0, 20.0, ws, wk)
+        vae.gaussian_bwd(m, eps if ws else None, seed if ws else None, meta(*half, dtype=dtype) if ws else None,
+                         meta(shape[0], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+                         if wk else None, -30.0, 20.0)
+
+
 FAMILIES = {
     "norm": _norm_cases,
     "activation": _activation_cases,
@@ -428,6 +447,7 @@ FAMILIES = {
     "transformer": _transformer_cases,
     "rnn": _rnn_cases,
     "diffusion": _diffusion_cases,
+    "vae": _vae_cases,
 }
 
 

@@ -10,9 +10,10 @@ from .resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50
 from .simple_cnn import SimpleCNN
 from .t5 import T5Config, T5ForConditionalGeneration
 from .unet import UNet2D, UNet2DConfig, UNet2DOutput
+from .vae import DiagonalGaussian
 from .vgg import VGG, vgg11, vgg11_bn, vgg16
 
 __all__ = ["BasicBlock", "BertConfig", "BertForMaskedLM", "BertForSequenceClassification", "BertModel", "Bottleneck",
-           "CharLM", "CharLMConfig", "CharVocab", "GPT", "GPTConfig", "KVCache", "ResNet", "SequenceClassifier", "SimpleCNN", "T5Config", "T5ForConditionalGeneration", "UNet2D",
+           "CharLM", "CharLMConfig", "CharVocab", "DiagonalGaussian", "GPT", "GPTConfig", "KVCache", "ResNet", "SequenceClassifier", "SimpleCNN", "T5Config", "T5ForConditionalGeneration", "UNet2D",
            "UNet2DConfig", "UNet2DOutput", "VGG",
            "python_text", "resnet18", "resnet34", "resnet50", "resnet101", "transfer", "vgg11", "vgg11_bn", "vgg16"]

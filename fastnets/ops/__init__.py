@@ -10,9 +10,10 @@ from .norm import group_norm, layer_norm, rms_norm
 from .rope import apply_rotary_emb, rope, rope_cos_sin
 from .rnn import gru, gru_cell, lstm, lstm_cell, rnn, rnn_relu, rnn_relu_cell, rnn_tanh, rnn_tanh_cell
 from .pool import adaptive_avg_pool2d, adaptive_max_pool2d, avg_pool2d, max_pool2d
+from .vae import gaussian_sample_kl
 
 __all__ = ["adaptive_avg_pool2d", "adaptive_max_pool2d", "apply_rotary_emb", "avg_pool2d", "batch_norm", "bias_act",
-           "conv1d", "conv2d", "conv_transpose2d", "cross_entropy", "q_sample", "sampler_step", "timestep_embedding", "flash_attention", "fold_conv_bn", "group_norm",
+           "conv1d", "conv2d", "conv_transpose2d", "cross_entropy", "q_sample", "sampler_step", "timestep_embedding", "flash_attention", "fold_conv_bn", "gaussian_sample_kl", "group_norm",
            "layer_norm", "linear_cross_entropy", "gru", "gru_cell", "lstm", "lstm_cell", "max_pool2d", "rms_norm", "rnn", "rnn_relu",
            "rnn_relu_cell", "rnn_tanh", "rnn_tanh_cell", "rope", "rope_cos_sin",
            "scaled_dot_product_attention"]
