@@ -438,6 +438,21 @@ def _vae_cases(case):
                          if wk else None, -30.0, 20.0)
 
 
+def _gan_cases(case):
+    from fastnets.kernels import gan
+    # Logits of a batch (64) and of a PatchGAN map (16x1x30x30); every kind and target, the
+    # per-element form and the reduced one; the penalty's squared norm on images.
+    for dtype, n, kind, (real, generator), elementwise in itertools.product(
+            DTYPES, (64, 16 * 900), tuple(gan.KINDS), ((True, False), (False, False), (True, True)), (False, True)):
+        case(f"gan_loss {kind} n={n}")
+        gan.gan_loss(meta(n, dtype=dtype), kind, real, generator, 0.9, elementwise, 1.0 / n)
+    for dtype, shape in itertools.product(DTYPES, ((64, 3, 256, 256), (5, 3, 7, 9))):
+        case(f"sq_norm {shape}")
+        g = meta(*shape, dtype=dtype)
+        gan.sq_norm(g)
+        gan.sq_norm_bwd(g, meta(shape[0], dtype=torch.float64 if dtype == torch.float64 else torch.float32))
+
+
 FAMILIES = {
     "norm": _norm_cases,
     "activation": _activation_cases,
@@ -448,6 +463,7 @@ FAMILIES = {
     "rnn": _rnn_cases,
     "diffusion": _diffusion_cases,
     "vae": _vae_cases,
+    "gan": _gan_cases,
 }
 
 

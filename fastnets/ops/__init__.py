@@ -5,6 +5,7 @@ from .attention import flash_attention, scaled_dot_product_attention
 from .batchnorm import batch_norm, fold_conv_bn
 from .conv import conv1d, conv2d, conv_transpose2d
 from .diffusion import q_sample, sampler_step, timestep_embedding
+from .gan import gan_loss, gradient_penalty
 from .loss import cross_entropy, linear_cross_entropy
 from .norm import group_norm, layer_norm, rms_norm
 from .rope import apply_rotary_emb, rope, rope_cos_sin
@@ -13,7 +14,7 @@ from .pool import adaptive_avg_pool2d, adaptive_max_pool2d, avg_pool2d, max_pool
 from .vae import gaussian_sample_kl
 
 __all__ = ["adaptive_avg_pool2d", "adaptive_max_pool2d", "apply_rotary_emb", "avg_pool2d", "batch_norm", "bias_act",
-           "conv1d", "conv2d", "conv_transpose2d", "cross_entropy", "q_sample", "sampler_step", "timestep_embedding", "flash_attention", "fold_conv_bn", "gaussian_sample_kl", "group_norm",
+           "conv1d", "conv2d", "conv_transpose2d", "cross_entropy", "q_sample", "sampler_step", "timestep_embedding", "flash_attention", "fold_conv_bn", "gan_loss", "gaussian_sample_kl", "gradient_penalty", "group_norm",
            "layer_norm", "linear_cross_entropy", "gru", "gru_cell", "lstm", "lstm_cell", "max_pool2d", "rms_norm", "rnn", "rnn_relu",
            "rnn_relu_cell", "rnn_tanh", "rnn_tanh_cell", "rope", "rope_cos_sin",
            "scaled_dot_product_attention"]
