@@ -3,6 +3,7 @@ T5, a character-level LSTM / GRU language model and a sequence classifier, the d
 UNet2D (diffusers' UNet2DModel layout), and
 transfer-learning helpers (fastnets.models.transfer)."""
 from . import transfer
+from .dcgan import DCGANDiscriminator, DCGANGenerator
 from .bert import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
 from .gpt import GPT, GPTConfig, KVCache
 from .rnn import CharLM, CharLMConfig, CharVocab, SequenceClassifier, python_text
@@ -14,6 +15,6 @@ from .vae import DiagonalGaussian
 from .vgg import VGG, vgg11, vgg11_bn, vgg16
 
 __all__ = ["BasicBlock", "BertConfig", "BertForMaskedLM", "BertForSequenceClassification", "BertModel", "Bottleneck",
-           "CharLM", "CharLMConfig", "CharVocab", "DiagonalGaussian", "GPT", "GPTConfig", "KVCache", "ResNet", "SequenceClassifier", "SimpleCNN", "T5Config", "T5ForConditionalGeneration", "UNet2D",
+           "CharLM", "CharLMConfig", "CharVocab", "DCGANDiscriminator", "DCGANGenerator", "DiagonalGaussian", "GPT", "GPTConfig", "KVCache", "ResNet", "SequenceClassifier", "SimpleCNN", "T5Config", "T5ForConditionalGeneration", "UNet2D",
            "UNet2DConfig", "UNet2DOutput", "VGG",
            "python_text", "resnet18", "resnet34", "resnet50", "resnet101", "transfer", "vgg11", "vgg11_bn", "vgg16"]

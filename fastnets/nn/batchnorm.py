@@ -23,10 +23,13 @@ class BatchNorm2d(nn.BatchNorm2d):
     Extra keyword ``activation`` fuses an activation into the same pass (BN + ReLU)."""
 
     activation: str = _IDENTITY
+    negative_slope: float = 0.01      # of a fused leaky_relu
 
-    def __init__(self, *args, activation: str = _IDENTITY, **kwargs):
+    def __init__(self, *args, activation: str = _IDENTITY, negative_slope: float = 0.01, **kwargs):
         super().__init__(*args, **kwargs)
         self.activation = check_activation("BatchNorm2d", activation)
+        if negative_slope != 0.01:
+            self.negative_slope = float(negative_slope)
 
     def forward(self, input: Tensor, activation: Optional[str] = None) -> Tensor:
         """activation (fastnets extra): overrides the module's fused activation for this call."""
@@ -39,7 +42,8 @@ class BatchNorm2d(nn.BatchNorm2d):
         track = not self.training or self.track_running_stats
         return ops.batch_norm(input, self.running_mean if track else None, self.running_var if track else None,
                               self.weight, self.bias, bn_training, factor, self.eps,
-                              activation=self.activation if activation is None else activation)
+                              activation=self.activation if activation is None else activation,
+                              negative_slope=self.negative_slope)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", activation={self.activation!r}" if self.activation != _IDENTITY else "")

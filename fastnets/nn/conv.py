@@ -55,16 +55,19 @@ class Conv2d(nn.Conv2d):
     "zeros" pads with torch first, as torch does, then convolves with the kernels."""
 
     activation: str = _IDENTITY
+    negative_slope: float = 0.01      # of a fused leaky_relu
 
-    def __init__(self, *args, activation: str = _IDENTITY, **kwargs):
+    def __init__(self, *args, activation: str = _IDENTITY, negative_slope: float = 0.01, **kwargs):
         super().__init__(*args, **kwargs)
         self.activation = check_activation("Conv2d", activation)
+        if negative_slope != 0.01:
+            self.negative_slope = float(negative_slope)
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str,
               residual: Optional[Tensor]) -> Tensor:
         x, padding = _padded(self, x)
         return ops.conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups,
-                          activation=activation, residual=residual)
+                          activation=activation, negative_slope=self.negative_slope, residual=residual)
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         return self._conv(input, self.weight, self.bias, self.activation, residual)
