@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, reference
-from . import _checks
+from . import _checks, _double
 
 
 def _activation_kernels():
@@ -82,6 +82,10 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dy):
     x, bias = ctx.saved_tensors
+    if _double.wanted():   # create_graph: a differentiable backward (second derivatives)
+        dz, dbias = _double.reference_grads(
+            lambda xx, bb: reference.bias_act(xx, bb, ctx.activation, negative_slope=ctx.slope), (x, bias), dy)
+        return dz, dbias, None, None, None
     # dz is the gradient of the pre-activation x + bias, so it is dx; dbias is its column
     # sum, reduced in float32 inside the backward kernel.
     dz, dbias = torch.ops.fastnets.bias_act_bwd(dy, x, bias, ctx.activation, ctx.slope, ctx.impl)

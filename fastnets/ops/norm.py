@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, reference
-from . import _checks
+from . import _checks, _double
 
 
 def _norm_kernels():
@@ -65,11 +65,20 @@ def _row_norm_setup(ctx, inputs, output):
     x, weight, bias, eps, is_rms, offset = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.has_bias, ctx.is_rms, ctx.offset = bias is not None, is_rms, offset
+    ctx.has_bias, ctx.is_rms, ctx.offset, ctx.eps = bias is not None, is_rms, offset, eps
 
 
 def _row_norm_backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
+    if _double.wanted():   # create_graph: a differentiable backward (second derivatives)
+        N = x.shape[-1]
+        if ctx.is_rms:
+            fn = lambda xx, ww: reference.rms_norm(xx, (N,), ww, ctx.eps, offset=ctx.offset)  # noqa: E731
+        else:
+            fn = lambda xx, ww: reference.layer_norm(xx, (N,), ww, None, ctx.eps)  # noqa: E731
+        dx, dw = _double.reference_grads(fn, (x, weight), dy)
+        db = dy.reshape(-1, N).sum(0).to(weight.dtype if weight is not None else dy.dtype) if ctx.has_bias else None
+        return dx, dw, db, None, None, None
     dx, dw, db = torch.ops.fastnets.row_norm_bwd(dy, x, weight, ctx.has_bias, mean, rstd, ctx.is_rms, ctx.offset)
     return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None, None, None
 
@@ -163,11 +172,16 @@ def _group_norm_setup(ctx, inputs, output):
     x, num_groups, weight, bias, eps, silu = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, mean, rstd)
-    ctx.num_groups, ctx.silu = num_groups, silu
+    ctx.num_groups, ctx.silu, ctx.eps = num_groups, silu, eps
 
 
 def _group_norm_backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
+    if _double.wanted():   # create_graph: a differentiable backward (second derivatives)
+        dx, dw, db = _double.reference_grads(
+            lambda xx, ww, bb: reference.group_norm(xx, ctx.num_groups, ww, bb, ctx.eps,
+                                                    activation="silu" if ctx.silu else None), (x, weight, bias), dy)
+        return dx, None, dw, db, None, None
     dx, dw, db = torch.ops.fastnets.group_norm_bwd(dy, x, ctx.num_groups, weight, bias, mean, rstd, ctx.silu)
     return dx, None, (dw if weight is not None else None), (db if bias is not None else None), None, None
 
