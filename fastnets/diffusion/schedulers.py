@@ -97,7 +97,6 @@ class _FusedScheduler:
 
     _defaults: dict = {}
     order = 1
-    _integer_timesteps = True
     _noise_dtype_float32 = False   # DPM-Solver draws its SDE noise in float32, the others in the model dtype
     _returns_x0 = True
 
@@ -492,8 +491,6 @@ class DDIMScheduler(_FusedScheduler):
 class _SigmaScheduler(_FusedScheduler):
     """Euler-family bookkeeping: sigmas on the host, the step counter, index_for_timestep."""
 
-    _integer_timesteps = False
-
     def _karras_bounds(self):
         return self.config.get("sigma_min"), self.config.get("sigma_max")
 
@@ -513,6 +510,19 @@ class _SigmaScheduler(_FusedScheduler):
         if self._step_index is None:
             self._step_index = self._begin_index if self._begin_index is not None else self._lookup(timestep)
         return self._step_index
+
+    def _step_position(self, timestep) -> int:
+        """The step index for step(), after diffusers' checks (set_timesteps called, a timestep
+        from the schedule rather than an integer index, steps left)."""
+        self._require_timesteps()
+        if isinstance(timestep, int) or (isinstance(timestep, Tensor) and not timestep.is_floating_point()):
+            raise ValueError(f"{type(self).__name__}.step: pass one of scheduler.timesteps as the timestep, not an "
+                             "integer index")
+        i = self._current_index(timestep)
+        if i >= self.num_inference_steps:
+            raise ValueError(f"{type(self).__name__}.step: all {self.num_inference_steps} steps are done; call "
+                             "set_timesteps again")
+        return i
 
     def index_for_timestep(self, timestep, schedule_timesteps=None) -> int:
         if schedule_timesteps is not None:
@@ -661,14 +671,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
              variance_noise: Optional[Tensor] = None, guidance_scale: Optional[float] = None,
              guidance_rescale: float = 0.0):
         """diffusers' EulerDiscreteScheduler.step (x0 is returned in the sample's dtype)."""
-        self._require_timesteps()
-        if isinstance(timestep, int) or (isinstance(timestep, Tensor) and not timestep.is_floating_point()):
-            raise ValueError(f"{type(self).__name__}.step: pass one of scheduler.timesteps as the timestep, not an "
-                             "integer index")
-        i = self._current_index(timestep)
-        if i >= self.num_inference_steps:
-            raise ValueError(f"{type(self).__name__}.step: all {self.num_inference_steps} steps are done; call "
-                             "set_timesteps again")
+        i = self._step_position(timestep)
         plan = self._plan((float(s_churn), float(s_tmin), float(s_tmax), float(s_noise)))
         prev, x0 = self._fused_step(model_output, sample, i, plan, generator=generator, variance_noise=variance_noise,
                                     guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
@@ -724,14 +727,7 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
              variance_noise: Optional[Tensor] = None, guidance_scale: Optional[float] = None,
              guidance_rescale: float = 0.0):
         """diffusers' EulerAncestralDiscreteScheduler.step."""
-        self._require_timesteps()
-        if isinstance(timestep, int) or (isinstance(timestep, Tensor) and not timestep.is_floating_point()):
-            raise ValueError(f"{type(self).__name__}.step: pass one of scheduler.timesteps as the timestep, not an "
-                             "integer index")
-        i = self._current_index(timestep)
-        if i >= self.num_inference_steps:
-            raise ValueError(f"{type(self).__name__}.step: all {self.num_inference_steps} steps are done; call "
-                             "set_timesteps again")
+        i = self._step_position(timestep)
         prev, x0 = self._fused_step(model_output, sample, i, self._plan(()), generator=generator,
                                     variance_noise=variance_noise, guidance_scale=guidance_scale,
                                     guidance_rescale=guidance_rescale)
@@ -755,7 +751,6 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
                      use_flow_sigmas=False, flow_shift=1.0, final_sigmas_type="zero",
                      lambda_min_clipped=-float("inf"), variance_type=None, use_dynamic_shifting=False,
                      time_shift_type="exponential")
-    _integer_timesteps = True
     _noise_dtype_float32 = True
     _returns_x0 = False
 

@@ -169,18 +169,21 @@ class Upsample2D(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def _attentions(attn: bool, n: int, ch: int, cfg: UNet2DConfig) -> Optional[nn.ModuleList]:
+    """The n self-attention layers of an Attn*Block2D (None for a plain block)."""
+    if not attn:
+        return None
+    return nn.ModuleList([SpatialSelfAttention(ch, cfg.attention_head_dim or ch, cfg.norm_num_groups, cfg.norm_eps)
+                          for _ in range(n)])
+
+
 class _DownBlock(nn.Module):
     def __init__(self, attn: bool, num_layers: int, in_ch: int, out_ch: int, temb: int, cfg: UNet2DConfig,
                  add_downsample: bool):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb, cfg.norm_num_groups,
                                                     cfg.norm_eps, cfg.dropout) for i in range(num_layers)])
-        if attn:
-            self.attentions = nn.ModuleList([SpatialSelfAttention(out_ch, cfg.attention_head_dim or out_ch,
-                                                                  cfg.norm_num_groups, cfg.norm_eps)
-                                             for _ in range(num_layers)])
-        else:
-            self.attentions = None
+        self.attentions = _attentions(attn, num_layers, out_ch, cfg)
         self.downsamplers = nn.ModuleList([Downsample2D(out_ch, cfg.downsample_padding)]) if add_downsample else None
 
     def forward(self, h: Tensor, temb_act: Tensor) -> tuple[Tensor, tuple]:
@@ -203,12 +206,7 @@ class _UpBlock(nn.Module):
         self.resnets = nn.ModuleList([
             ResnetBlock2D((prev_ch if i == 0 else out_ch) + (in_ch if i == num_layers - 1 else out_ch), out_ch, temb,
                           cfg.norm_num_groups, cfg.norm_eps, cfg.dropout) for i in range(num_layers)])
-        if attn:
-            self.attentions = nn.ModuleList([SpatialSelfAttention(out_ch, cfg.attention_head_dim or out_ch,
-                                                                  cfg.norm_num_groups, cfg.norm_eps)
-                                             for _ in range(num_layers)])
-        else:
-            self.attentions = None
+        self.attentions = _attentions(attn, num_layers, out_ch, cfg)
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if add_upsample else None
 
     def forward(self, h: Tensor, skips: tuple, temb_act: Tensor) -> Tensor:
