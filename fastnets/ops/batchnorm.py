@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, reference
-from . import _checks
+from . import _checks, _double
 
 
 def _batchnorm_kernels():
@@ -88,10 +88,34 @@ def _setup(ctx, inputs, output):
     _, mean, rstd, _ = output
     ctx.save_for_backward(x, weight, bias, mean, rstd)
     ctx.args = (training, activation, slope)
+    ctx.eps = eps
+
+
+def _reference_forward(ctx, mean, rstd):
+    """The forward in plain torch, for a differentiable backward (create_graph=True): batch
+    statistics recomputed from x in training, the saved running statistics as constants in eval."""
+    training, activation, slope = ctx.args
+    # The saved statistics are outputs of the forward op: detached, or the graph of the
+    # recompute would lead back into this backward.
+    mean, rstd = mean.detach(), rstd.detach()
+
+    def fn(x, weight, bias):
+        if training:
+            return reference.batch_norm(x, None, None, weight, bias, True, 0.0, ctx.eps, activation=activation,
+                                        negative_slope=slope)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        y = (x.to(mean.dtype) - mean.view(shape)) * rstd.view(shape)
+        y = y * weight.to(y.dtype).view(shape) if weight is not None else y
+        y = y + bias.to(y.dtype).view(shape) if bias is not None else y
+        return reference.activation.ACTIVATIONS[activation](y, slope).to(x.dtype)
+    return fn
 
 
 def _backward(ctx, dy, _m, _r, _v):
     x, weight, bias, mean, rstd = ctx.saved_tensors
+    if _double.wanted():
+        dx, dw, db = _double.reference_grads(_reference_forward(ctx, mean, rstd), (x, weight, bias), dy)
+        return (dx if ctx.needs_input_grad[0] else None, dw, db) + (None,) * 6
     dx, dw, db = torch.ops.fastnets.batch_norm_bwd(dy, x, weight, bias, mean, rstd, *ctx.args)
     return dx, (dw if weight is not None else None), (db if bias is not None else None), None, None, None, None, \
         None, None

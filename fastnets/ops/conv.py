@@ -11,6 +11,13 @@ The activation's backward needs the pre-activation z only through act'(z). For i
 relu and leaky_relu (slope >= 0) the sign of the output y decides it, so y is saved;
 otherwise the forward kernel also writes z (one extra store) and z is saved.
 Under autocast the convolution runs in the autocast dtype, as torch's convolutions do.
+
+Double backward (create_graph=True, gradient penalties): the backward is then built from
+differentiable ops -- dx of conv2d is fastnets' conv_transpose2d of dz and dx of
+conv_transpose2d is fastnets' conv2d, dw is torch's conv weight-gradient (aten's
+convolution_backward, which has its own double backward) and act'(z) is a constant mask of
+the output's sign (identity / relu / leaky_relu) or the activation's derivative at a
+recomputed z (the others; bias and residual are saved for that recompute only).
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch, reference
-from . import _checks
+from . import _checks, _double
 
 _dispatch.register_op("conv2d", "implicit-GEMM conv2d (stride, padding incl. 'same', dilation, groups) with a "
                                 "fused bias + activation + residual epilogue")
@@ -93,6 +100,20 @@ def _act_backward(dy: Tensor, saved: Tensor, activation: str, slope: float) -> T
     return dz.permute(0, 3, 1, 2) if fmt == torch.channels_last else dz
 
 
+def _act_backward_graph(dy: Tensor, saved: Tensor, activation: str, slope: float, recompute_z) -> Tensor:
+    """dy * act'(z) as a differentiable graph (double backward). recompute_z() gives z with its
+    graph to the forward's inputs; only called when act' is not a mask of the output's sign."""
+    if activation == "identity":
+        return dy
+    if not _z_needed(activation, slope):
+        # relu / leaky_relu: act'' = 0, and y > 0 exactly where z > 0 (act'(0) = 0 or slope).
+        neg = 0.0 if activation == "relu" else slope
+        return dy * torch.where(saved > 0, 1.0, neg).to(dy.dtype)
+    act = reference.activation.ACTIVATIONS[activation]
+    (dz,) = _double.reference_grads(lambda z: act(z, slope), (recompute_z(),), dy)
+    return dz
+
+
 # --- conv2d: fastnets::conv2d_fwd / fastnets::conv2d_bwd -------------------------------------
 
 @torch.library.custom_op("fastnets::conv2d_fwd", mutates_args=())
@@ -141,13 +162,45 @@ def _(dy, x, weight, saved, has_bias, stride, padding, dilation, groups, activat
 def _conv2d_setup(ctx, inputs, output):
     x, weight, bias, residual, stride, padding, dilation, groups, out_hw, activation, slope, save_z = inputs
     y, z = output
-    ctx.save_for_backward(x, weight, z if save_z else y)
+    # bias and residual only feed a double backward's recompute of z (see module docstring).
+    ctx.save_for_backward(x, weight, z if save_z else y, bias if save_z else None, residual if save_z else None)
     ctx.args = (bias is not None, stride, padding, dilation, groups, activation, slope)
     ctx.has_res = residual is not None
 
 
+def _conv2d_backward_graph(ctx, dy):
+    """The backward as differentiable ops, for create_graph=True."""
+    x, weight, saved, bias, residual = ctx.saved_tensors
+    has_bias, stride, padding, dilation, groups, activation, slope = ctx.args
+    out_hw = list(dy.shape[2:])
+    dz = _act_backward_graph(dy, saved, activation, slope, lambda: torch.ops.fastnets.conv2d_fwd(
+        x, weight, bias, residual, stride, padding, dilation, groups, out_hw, "identity", 0.0, False)[0])
+    # Rows / columns the convolution reads past the input: hi = last window end - H - lo
+    # (negative when the floor leaves input rows unread, > lo for 'same' with an even kernel).
+    H, W = x.shape[2:]
+    span = [dilation[i] * (weight.shape[2 + i] - 1) + 1 for i in range(2)]
+    hi = [(out_hw[i] - 1) * stride[i] + span[i] - (H, W)[i] - padding[i] for i in range(2)]
+    out_pad = [padding[i] - hi[i] for i in range(2)]
+    symmetric = all(0 <= out_pad[i] < max(stride[i], dilation[i]) for i in range(2))
+    dx = dw = None
+    if ctx.needs_input_grad[0]:
+        if symmetric:
+            dx = conv_transpose2d(dz, weight, None, stride, padding, out_pad, groups, dilation)
+        else:   # transpose into the padded frame, then crop (or zero-extend) to x's
+            dx = torch.nn.functional.pad(conv_transpose2d(dz, weight, None, stride, 0, 0, groups, dilation),
+                                         (-padding[1], -hi[1], -padding[0], -hi[0]))
+    if ctx.needs_input_grad[1]:
+        xp, pad = (x, padding) if symmetric else (
+            torch.nn.functional.pad(x, (padding[1], hi[1], padding[0], hi[0])), [0, 0])
+        dw = torch.nn.grad.conv2d_weight(xp, weight.shape, dz, stride, pad, dilation, groups)
+    db = dz.sum((0, 2, 3)) if has_bias else None
+    return (dx, dw, db, dz if ctx.has_res else None) + (None,) * 8
+
+
 def _conv2d_backward(ctx, dy, _dz):
-    x, weight, saved = ctx.saved_tensors
+    if _double.wanted():
+        return _conv2d_backward_graph(ctx, dy)
+    x, weight, saved, _, _ = ctx.saved_tensors
     has_bias, stride, padding, dilation, groups, activation, slope = ctx.args
     need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     dx, dw, db, dz = torch.ops.fastnets.conv2d_bwd(dy, x, weight, saved, has_bias, stride, padding, dilation,
@@ -316,12 +369,27 @@ def _(dy, x, weight, saved, has_bias, stride, padding, dilation, groups, activat
 def _convt_setup(ctx, inputs, output):
     x, weight, bias, stride, padding, dilation, groups, out_hw, activation, slope, save_z = inputs
     y, z = output
-    ctx.save_for_backward(x, weight, z if save_z else y)
+    ctx.save_for_backward(x, weight, z if save_z else y, bias if save_z else None)
     ctx.args = (bias is not None, stride, padding, dilation, groups, activation, slope)
 
 
+def _convt_backward_graph(ctx, dy):
+    """The backward as differentiable ops, for create_graph=True: the adjoint of the adjoint."""
+    x, weight, saved, bias = ctx.saved_tensors
+    has_bias, stride, padding, dilation, groups, activation, slope = ctx.args
+    dz = _act_backward_graph(dy, saved, activation, slope, lambda: torch.ops.fastnets.conv_transpose2d_fwd(
+        x, weight, bias, stride, padding, dilation, groups, list(dy.shape[2:]), "identity", 0.0, False)[0])
+    dx = conv2d(dz, weight, None, stride, padding, dilation, groups) if ctx.needs_input_grad[0] else None
+    dw = (torch.nn.grad.conv2d_weight(dz, weight.shape, x, stride, padding, dilation, groups)
+          if ctx.needs_input_grad[1] else None)
+    db = dz.sum((0, 2, 3)) if has_bias else None
+    return (dx, dw, db) + (None,) * 8
+
+
 def _convt_backward(ctx, dy, _dz):
-    x, weight, saved = ctx.saved_tensors
+    if _double.wanted():
+        return _convt_backward_graph(ctx, dy)
+    x, weight, saved, _ = ctx.saved_tensors
     has_bias, *rest = ctx.args
     need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     dx, dw, db = torch.ops.fastnets.conv_transpose2d_bwd(dy, x, weight, saved, has_bias, *rest, need_dx, need_dw)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import _dispatch
 from .. import reference as F
-from . import _checks
+from . import _checks, _double
 
 
 def _pool_kernels():
@@ -72,9 +72,42 @@ def _setup(ctx, inputs, output):
                 count_include_pad, divisor)
 
 
+class _PoolBackward(torch.autograd.Function):
+    """The pool backward as a differentiable function of dy, for create_graph=True. It is
+    linear in dy, and its adjoint is the pool itself: for average pooling the forward kernel
+    (same windows, same divisors), for max pooling a gather at the saved argmax. Its
+    derivative in x is zero (the argmax is piecewise constant), as torch's is."""
+
+    @staticmethod
+    def forward(ctx, dy, idx, args):
+        ctx.save_for_backward(idx)
+        ctx.args, ctx.out_hw = args, list(dy.shape[2:])
+        return torch.ops.fastnets.pool2d_bwd(dy, idx, *args)
+
+    @staticmethod
+    def backward(ctx, ddx):
+        (idx,) = ctx.saved_tensors
+        x_shape, channels_last, kernel, stride, padding, dilation, is_max, adaptive, count_include_pad, divisor = \
+            ctx.args
+        N, C = x_shape[:2]
+        out_hw = ctx.out_hw
+        if is_max:
+            flat = lambda t: t.reshape(N, C, -1)  # noqa: E731  (indices are flat h * W + w per plane)
+            ddy = flat(ddx.contiguous()).gather(2, flat(idx.contiguous())).view(N, C, *out_hw)
+        else:
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            ddy, _ = torch.ops.fastnets.pool2d_fwd(ddx.contiguous(memory_format=fmt), out_hw, kernel, stride,
+                                                   padding, dilation, False, adaptive, count_include_pad, divisor,
+                                                   False)
+        return ddy, None, None
+
+
 def _backward(ctx, dy, _didx):
     (idx,) = ctx.saved_tensors
-    dx = torch.ops.fastnets.pool2d_bwd(dy, idx, *ctx.args)
+    if _double.wanted():
+        dx = _PoolBackward.apply(dy, idx, ctx.args)
+    else:
+        dx = torch.ops.fastnets.pool2d_bwd(dy, idx, *ctx.args)
     return (dx,) + (None,) * 10
 
 
