@@ -34,6 +34,7 @@ PARTS=(
   "bench-transformer|benchmark: decode, rope, cross-entropy, fused LM head|6"
   "bench-rnn|benchmark: 2-layer LSTM / GRU fwd and fwd+bwd, packed, proj_size, decode step vs cuDNN / compile|7"
   "bench-diffusion|benchmark: sampler steps vs diffusers, q_sample, 50-step loops (CUDA graph), UNet2D train step|6"
+  "bench-gan|benchmark: upfirdn2d, filtered_lrelu, GAN losses, R1 discriminator step, VAE sample / KL|4"
   "bench-model|benchmark: ResNet-50 and GPT-2 124M training steps vs eager / torch.compile|7"
 )
 
@@ -98,6 +99,7 @@ run_part() {
     bench-transformer) $PY -m fastnets bench --merge --out "$OUT" $QUICK --ops decode rope cross_entropy lm_head ;;
     bench-rnn)         $PY -m fastnets bench --merge --out "$OUT" $QUICK --ops rnn ;;
     bench-diffusion)   $PY -m fastnets bench --merge --out "$OUT" $QUICK --ops diffusion ;;
+    bench-gan)         $PY -m fastnets bench --merge --out "$OUT" $QUICK --ops gan vae ;;
     bench-model)       $PY -m fastnets bench --merge --out "$OUT" $QUICK --ops model ;;
     *) echo "unknown part: $name"; return 2 ;;
   esac

@@ -83,3 +83,16 @@ def test_bench_diffusion_cases_run_and_check(tmp_path):
     ops_seen = {r["op"] for r in rows}
     assert {"step_ddim", "step_ddpm", "step_ddim_cfg", "q_sample", "timestep_embedding"} <= ops_seen
     assert all(r["error"] is None for r in rows if r["impl"].startswith("fastnets"))
+
+
+def test_bench_gan_vae_cases_run_and_check(tmp_path):
+    """The StyleGAN resampling and VAE cases end to end (functional on CPU): fastnets agrees
+    with the same math in torch before any timing (the R1 step is checked in
+    test_double_backward; interpreted, it alone would take minutes here)."""
+    out = subprocess.run([sys.executable, "-m", "fastnets", "bench", "--quick", "--no-plots", "--ops", "upfirdn2d_up2",
+                          "filtered_lrelu_up2_down2", "gaussian_sample", "gaussian_kl", "--out", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["results"]
+    assert {r["op"] for r in rows} == {"upfirdn2d_up2", "filtered_lrelu_up2_down2", "gaussian_sample", "gaussian_kl"}
+    assert all(r["error"] is None for r in rows if r["impl"].startswith("fastnets"))

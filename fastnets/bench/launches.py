@@ -453,6 +453,29 @@ def _gan_cases(case):
         gan.sq_norm_bwd(g, meta(shape[0], dtype=torch.float64 if dtype == torch.float64 else torch.float32))
 
 
+def _upfirdn_cases(case):
+    from fastnets.kernels import upfirdn
+    # StyleGAN2 256x256 resampling (4-tap filter: up 2 / down 2 / filter only; each one's
+    # backward is another of them) and StyleGAN3's filtered_lrelu (12-tap up 2 with bias and
+    # the lrelu epilogue, 12-tap down 2; backward: up 2 with the lrelu' epilogue, down 2).
+    for dtype in DTYPES:
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        for label, hw, up, down, k, pad0, out in (("up2", 64, 2, 1, 4, 2, 128), ("down2", 128, 1, 2, 4, 1, 64),
+                                                  ("fir", 64, 1, 1, 4, 2, 64)):
+            case(f"upfirdn2d {label} 16x256x{hw}x{hw}")
+            upfirdn.upfirdn2d(meta(16, 256, hw, hw, dtype=dtype), meta(k, k, dtype=acc), (up, up), (down, down),
+                              (pad0, pad0), (out, out))
+        case("filtered_lrelu 16x256x64x64 up2 down2 12-tap")
+        x, mid, y = meta(16, 256, 64, 64, dtype=dtype), meta(16, 256, 138, 138, dtype=dtype), meta(16, 256, 64, 64,
+                                                                                                  dtype=dtype)
+        g = meta(12, 12, dtype=acc)
+        upfirdn.upfirdn2d(x, g, (2, 2), (1, 1), (10, 10), (138, 138), bias=meta(256, dtype=dtype), epilogue="lrelu",
+                          clamp=256.0)
+        upfirdn.upfirdn2d(mid, g, (1, 1), (2, 2), (0, 0), (64, 64))
+        upfirdn.upfirdn2d(y, g, (2, 2), (1, 1), (11, 11), (138, 138), epilogue="lrelu_bwd", saved=mid, clamp=256.0)
+        upfirdn.upfirdn2d(mid, g, (1, 1), (2, 2), (1, 1), (64, 64))
+
+
 FAMILIES = {
     "norm": _norm_cases,
     "activation": _activation_cases,
@@ -464,6 +487,7 @@ FAMILIES = {
     "diffusion": _diffusion_cases,
     "vae": _vae_cases,
     "gan": _gan_cases,
+    "upfirdn": _upfirdn_cases,
 }
 
 

@@ -11,6 +11,7 @@ from .norm import group_norm, layer_norm, rms_norm
 from .rope import apply_rotary_emb, rope, rope_cos_sin
 from .rnn import gru, gru_cell, lstm, lstm_cell, rnn, rnn_relu, rnn_relu_cell, rnn_tanh, rnn_tanh_cell
 from .pool import adaptive_avg_pool2d, adaptive_max_pool2d, avg_pool2d, max_pool2d
+from .upfirdn import filtered_lrelu, upfirdn2d
 from .vae import gaussian_sample_kl
 
 __all__ = ["adaptive_avg_pool2d", "adaptive_max_pool2d", "apply_rotary_emb", "avg_pool2d", "batch_norm", "bias_act",
