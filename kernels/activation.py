@@ -93,9 +93,25 @@ def act_grad(z, ACT: tl.constexpr, slope):
 
 
 @triton.jit
+def _gain_clamp(y, gain, clamp):
+    """StyleGAN2's epilogue: y * gain clamped to [-clamp, clamp] (gain 1, clamp inf: y).
+    NaN falls through both comparisons and stays NaN, as in torch.clamp."""
+    y = y * gain
+    return tl.where(y > clamp, clamp, tl.where(y < -clamp, -clamp, y))
+
+
+@triton.jit
+def _clamp_pass(y, gain, clamp):
+    """1 where the clamp passed y * gain through, as torch.clamp's gradient: inclusive bounds,
+    0 for NaN."""
+    y = y * gain
+    return tl.where((y >= -clamp) & (y <= clamp), gain, 0.0)
+
+
+@triton.jit
 def _bias_act_fwd_kernel(
     X, Bias, Y,          # X: (M, C) contiguous; Bias: (C,) or unused; Y: (M, C)
-    numel, C, slope,
+    numel, C, slope, gain, clamp,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # Flat 1-D tiling: contiguous, fully coalesced loads; the bias index is offs % C.
@@ -104,13 +120,13 @@ def _bias_act_fwd_kernel(
     z = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
     if HAS_BIAS:
         z += tl.load(Bias + offs % C, mask=mask, other=0.0).to(ACC)
-    tl.store(Y + offs, act_fwd(z, ACT, slope).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + offs, _gain_clamp(act_fwd(z, ACT, slope), gain, clamp).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _gated_act_fwd_kernel(
     X, Bias, Y,          # X: (M, 2H) rows [gate | up]; Bias: (2H,); Y: (M, H)
-    numel, H, slope,     # numel = M * H (output elements)
+    numel, H, slope, gain, clamp,     # numel = M * H (output elements)
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -123,16 +139,16 @@ def _gated_act_fwd_kernel(
     if HAS_BIAS:
         a += tl.load(Bias + col, mask=mask, other=0.0).to(ACC)
         u += tl.load(Bias + H + col, mask=mask, other=0.0).to(ACC)
-    tl.store(Y + offs, (act_fwd(a, ACT, slope) * u).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + offs, _gain_clamp(act_fwd(a, ACT, slope) * u, gain, clamp).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _act_bwd_kernel(
     X, Bias, DY, DX,     # X, DX: (M, C) or (M, 2C) rows [gate | up] when GATED; DY: (M, C); Bias: (C,) / (2C,)
     DBias_part,          # (row groups, C or 2C) accumulator dtype: column sums of dz per row group
-    M, C, rows_per_program, slope,
+    M, C, rows_per_program, slope, gain, clamp,
     ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, CLAMP: tl.constexpr,
 ):
     # 2-D tiles so the bias gradient (a column sum of dz) is reduced in float32 registers in
     # the same pass: no second read of dx, and no rounding of dz to bf16 before summing.
@@ -160,6 +176,17 @@ def _act_bwd_kernel(
         a = tl.load(X + x_offs, mask=mask, other=0.0).to(ACC)
         if HAS_BIAS:
             a += b[None, :]
+        if CLAMP:
+            # gain and the clamp's pass mask fold into dy: the output is recomputed from x.
+            if GATED:
+                u_ = tl.load(X + x_offs + C, mask=mask, other=0.0).to(ACC)
+                if HAS_BIAS:
+                    u_ += b_up[None, :]
+                dy = dy * _clamp_pass(act_fwd(a, ACT, slope) * u_, gain, clamp)
+            else:
+                dy = dy * _clamp_pass(act_fwd(a, ACT, slope), gain, clamp)
+        else:
+            dy = dy * gain
         if GATED:
             u = tl.load(X + x_offs + C, mask=mask, other=0.0).to(ACC)
             if HAS_BIAS:
@@ -195,8 +222,10 @@ def _act_id(activation: str) -> int:
     return ACTIVATIONS[GATED.get(activation, activation)]
 
 
-def bias_act_fwd(x: torch.Tensor, bias: torch.Tensor | None, activation: str, slope: float) -> torch.Tensor:
-    """x: (M, C) contiguous (C = 2H for gated activations). Returns (M, C) or (M, H)."""
+def bias_act_fwd(x: torch.Tensor, bias: torch.Tensor | None, activation: str, slope: float, gain: float = 1.0,
+                 clamp: float | None = None) -> torch.Tensor:
+    """x: (M, C) contiguous (C = 2H for gated activations). Returns (M, C) or (M, H):
+    act(x + bias) * gain, clamped to [-clamp, clamp] when clamp is given."""
     M, C = x.shape
     gated = activation in GATED
     out_cols = C // 2 if gated else C
@@ -207,13 +236,14 @@ def bias_act_fwd(x: torch.Tensor, bias: torch.Tensor | None, activation: str, sl
     block, warps = _common.pointwise_config(numel, x.device)
     kernel = _gated_act_fwd_kernel if gated else _bias_act_fwd_kernel
     kernel[(triton.cdiv(numel, block),)](
-        x, bias if bias is not None else x, y, numel, out_cols, float(slope),
-        ACT=_act_id(activation), HAS_BIAS=bias is not None, ACC=acc_dtype(x.dtype), BLOCK=block, num_warps=warps)
+        x, bias if bias is not None else x, y, numel, out_cols, float(slope), float(gain),
+        math.inf if clamp is None else float(clamp), ACT=_act_id(activation), HAS_BIAS=bias is not None, ACC=acc_dtype(x.dtype), BLOCK=block, num_warps=warps)
     return y
 
 
 def bias_act_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, activation: str,
-                 slope: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 slope: float, gain: float = 1.0, clamp: float | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns (dz, dbias): dz is the gradient of the pre-activation x + bias (shaped like x,
     and so also dx); dbias its column sum in float32, cast to the bias dtype."""
     M, C_in = x.shape
@@ -231,8 +261,8 @@ def bias_act_bwd(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, a
     part = (_common.empty((groups, C_in), dtype=acc_torch_dtype(x.dtype), device=x.device)   # partial sums: poisoned too
             if bias is not None else x)
     _act_bwd_kernel[(col_tiles, groups)](
-        x, bias if bias is not None else x, dy, dx, part, M, C, rows_per, float(slope),
-        ACT=_act_id(activation), GATED=gated, HAS_BIAS=bias is not None, ACC=acc_dtype(x.dtype),
-        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+        x, bias if bias is not None else x, dy, dx, part, M, C, rows_per, float(slope), float(gain),
+        math.inf if clamp is None else float(clamp), ACT=_act_id(activation), GATED=gated, HAS_BIAS=bias is not None,
+        ACC=acc_dtype(x.dtype), BLOCK_M=block_m, BLOCK_C=block_c, CLAMP=clamp is not None, num_warps=warps)
     dbias = part.sum(0).to(bias.dtype) if bias is not None else None
     return dx, dbias

@@ -35,6 +35,37 @@ def test_bias_act(activation, dtype, shape):
              lambda x, b: reference.bias_act(x, b, activation, negative_slope=0.2), [x, b], dtype, peer=_peer(activation))
 
 
+@pytest.mark.parametrize("dtype", POINTWISE_DTYPES)
+@pytest.mark.parametrize("activation,gain,clamp", [("leaky_relu", 2 ** 0.5, 1.5), ("relu", 2 ** 0.5, None),
+                                                    ("identity", 1.0, 0.8), ("silu", 1.7, 2.0), ("swiglu", 0.5, 0.3)])
+def test_bias_act_gain_clamp_stylegan2(activation, gain, clamp, dtype):
+    """StyleGAN2's bias_act: act(x + b) * gain, clamped to +-clamp; the gradient is zero where
+    the clamp bit (torch.clamp's)."""
+    x = (torch.randn(7, 34, device=DEVICE) * 3).to(dtype)
+    b = torch.randn(34, device=DEVICE).to(dtype)
+
+    def peer(x, b):
+        y = TORCH_ACT[activation](x + b) * gain
+        return y.clamp(-clamp, clamp) if clamp is not None else y
+    check_op("bias_act", lambda x, b: ops.bias_act(x, b, activation, negative_slope=0.2, gain=gain, clamp=clamp),
+             lambda x, b: reference.bias_act(x, b, activation, negative_slope=0.2, gain=gain, clamp=clamp), [x, b],
+             dtype, peer=peer)
+
+
+def test_bias_act_clamp_gradient_is_zero_where_clamped():
+    x = torch.tensor([[-3.0, -0.5, 0.0, 0.5, 3.0]], device=DEVICE, requires_grad=True)
+    with expect_backend("bias_act"):
+        y = ops.bias_act(x, None, "identity", gain=2.0, clamp=1.0)
+    y.sum().backward()
+    torch.testing.assert_close(y.detach(), torch.tensor([[-1.0, -1.0, 0.0, 1.0, 1.0]], device=DEVICE))
+    torch.testing.assert_close(x.grad, torch.tensor([[0.0, 2.0, 2.0, 2.0, 0.0]], device=DEVICE))
+
+
+def test_bias_act_bad_clamp_raises():
+    with pytest.raises(ValueError, match="clamp"):
+        ops.bias_act(torch.randn(2, 3, device=DEVICE), None, "relu", clamp=-1.0)
+
+
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_bias_act_no_bias_noncontiguous(activation):
     x = noncontiguous(torch.randn(9, 20, device=DEVICE))

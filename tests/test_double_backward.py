@@ -31,6 +31,17 @@ def test_bias_act_gradgradcheck(activation):
         _gradgradcheck(lambda xx, bb: ops.bias_act(xx, bb, activation, negative_slope=0.2), (x, b))
 
 
+@pytest.mark.parametrize("activation", ["leaky_relu", "swiglu"])
+def test_bias_act_gain_clamp_gradgradcheck(activation):
+    """StyleGAN2's bias_act with gain and clamp: second derivatives (R1 through a StyleGAN2
+    discriminator). Values sit away from the clamp's bounds and relu's kink."""
+    x = _away_from_zero(3, 8)
+    b = (0.05 * torch.randn(8, dtype=torch.float64, device=DEVICE)).requires_grad_()
+    with expect_backend("bias_act"):
+        _gradgradcheck(lambda xx, bb: ops.bias_act(xx, bb, activation, negative_slope=0.2, gain=2 ** 0.5,
+                                                   clamp=0.9), (x, b))
+
+
 @pytest.mark.parametrize("name", ["layer_norm", "rms_norm", "rms_norm_offset", "group_norm", "group_norm_silu"])
 def test_norm_gradgradcheck(name):
     x, w, b = _f64(2, 6, 5), _f64(5), _f64(5)

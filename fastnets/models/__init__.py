@@ -1,6 +1,7 @@
 """Full models built on fastnets.nn: ResNet (torchvision layout), VGG, SimpleCNN, GPT, BERT,
 T5, a character-level LSTM / GRU language model and a sequence classifier, the diffusion
-UNet2D (diffusers' UNet2DModel layout), and
+UNet2D (diffusers' UNet2DModel layout), the DCGAN generator / discriminator, the KL
+autoencoder (diffusers' AutoencoderKL layout), and
 transfer-learning helpers (fastnets.models.transfer)."""
 from . import transfer
 from .dcgan import DCGANDiscriminator, DCGANGenerator
@@ -11,10 +12,10 @@ from .resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50
 from .simple_cnn import SimpleCNN
 from .t5 import T5Config, T5ForConditionalGeneration
 from .unet import UNet2D, UNet2DConfig, UNet2DOutput
-from .vae import DiagonalGaussian
+from .vae import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian
 from .vgg import VGG, vgg11, vgg11_bn, vgg16
 
-__all__ = ["BasicBlock", "BertConfig", "BertForMaskedLM", "BertForSequenceClassification", "BertModel", "Bottleneck",
+__all__ = ["AutoencoderKL", "AutoencoderKLConfig", "BasicBlock", "BertConfig", "BertForMaskedLM", "BertForSequenceClassification", "BertModel", "Bottleneck",
            "CharLM", "CharLMConfig", "CharVocab", "DCGANDiscriminator", "DCGANGenerator", "DiagonalGaussian", "GPT", "GPTConfig", "KVCache", "ResNet", "SequenceClassifier", "SimpleCNN", "T5Config", "T5ForConditionalGeneration", "UNet2D",
            "UNet2DConfig", "UNet2DOutput", "VGG",
            "python_text", "resnet18", "resnet34", "resnet50", "resnet101", "transfer", "vgg11", "vgg11_bn", "vgg16"]

@@ -98,12 +98,13 @@ class ResnetBlock2D(nn.Module):
     the (1x1-projected) input; divided by output_scale_factor. temb arrives already SiLU'd
     (UNet2D applies it once for every block)."""
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int, eps: float,
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: Optional[int], groups: int, eps: float,
                  dropout: float, output_scale_factor: float = 1.0):
         super().__init__()
         self.norm1 = fnn.GroupNorm(groups, in_channels, eps=eps, activation="silu")
         self.conv1 = fnn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_channels, out_channels)
+        # temb_channels=None: no time projection (the VAE's blocks, as in diffusers).
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels is not None else None
         self.norm2 = fnn.GroupNorm(groups, out_channels, eps=eps, activation="silu")
         self.dropout = nn.Dropout(dropout)
         self.conv2 = fnn.Conv2d(out_channels, out_channels, 3, padding=1)
@@ -112,7 +113,8 @@ class ResnetBlock2D(nn.Module):
 
     def forward(self, x: Tensor, temb_act: Tensor) -> Tensor:
         h = self.conv1(self.norm1(x))
-        h = h + self.time_emb_proj(temb_act)[:, :, None, None]
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(temb_act)[:, :, None, None]
         h = self.conv2(self.dropout(self.norm2(h)))
         skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         out = skip + h

@@ -50,61 +50,73 @@ def _impl(name: str, x: Tensor, bias: Optional[Tensor]):
 
 
 @torch.library.custom_op("fastnets::bias_act_fwd", mutates_args=())
-def _bias_act_fwd(x: Tensor, bias: Optional[Tensor], activation: str, slope: float, impl: str) -> Tensor:
+def _bias_act_fwd(x: Tensor, bias: Optional[Tensor], activation: str, slope: float, impl: str, gain: float,
+                  clamp: Optional[float]) -> Tensor:
     module, bias = _impl(impl, x, bias)
-    return module.bias_act_fwd(x, bias, activation, slope)
+    if impl == "cuda":
+        return module.bias_act_fwd(x, bias, activation, slope)
+    return module.bias_act_fwd(x, bias, activation, slope, gain, clamp)
 
 
 @_bias_act_fwd.register_fake
-def _(x, bias, activation, slope, impl):
+def _(x, bias, activation, slope, impl, gain, clamp):
     cols = x.shape[1] // 2 if activation in GATED else x.shape[1]
     return x.new_empty((x.shape[0], cols))
 
 
 @torch.library.custom_op("fastnets::bias_act_bwd", mutates_args=())
 def _bias_act_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], activation: str, slope: float,
-                  impl: str) -> tuple[Tensor, Tensor]:
+                  impl: str, gain: float, clamp: Optional[float]) -> tuple[Tensor, Tensor]:
     module, kernel_bias = _impl(impl, x, bias)
-    dz, dbias = module.bias_act_bwd(dy.contiguous(), x, kernel_bias, activation, slope)
+    if impl == "cuda":
+        dz, dbias = module.bias_act_bwd(dy.contiguous(), x, kernel_bias, activation, slope)
+    else:
+        dz, dbias = module.bias_act_bwd(dy.contiguous(), x, kernel_bias, activation, slope, gain, clamp)
     return dz, (dbias.to(bias.dtype) if bias is not None else x.new_empty((0,)))
 
 
 @_bias_act_bwd.register_fake
-def _(dy, x, bias, activation, slope, impl):
+def _(dy, x, bias, activation, slope, impl, gain, clamp):
     return torch.empty_like(x), (torch.empty_like(bias) if bias is not None else x.new_empty((0,)))
 
 
 def _setup(ctx, inputs, output):
-    x, bias, activation, slope, impl = inputs
+    x, bias, activation, slope, impl, gain, clamp = inputs
     ctx.save_for_backward(x, bias)
-    ctx.activation, ctx.slope, ctx.impl = activation, slope, impl
+    ctx.activation, ctx.slope, ctx.impl, ctx.gain, ctx.clamp = activation, slope, impl, gain, clamp
 
 
 def _backward(ctx, dy):
     x, bias = ctx.saved_tensors
     if _double.wanted():   # create_graph: a differentiable backward (second derivatives)
         dz, dbias = _double.reference_grads(
-            lambda xx, bb: reference.bias_act(xx, bb, ctx.activation, negative_slope=ctx.slope), (x, bias), dy)
-        return dz, dbias, None, None, None
+            lambda xx, bb: reference.bias_act(xx, bb, ctx.activation, negative_slope=ctx.slope, gain=ctx.gain,
+                                              clamp=ctx.clamp), (x, bias), dy)
+        return dz, dbias, None, None, None, None, None
     # dz is the gradient of the pre-activation x + bias, so it is dx; dbias is its column
     # sum, reduced in float32 inside the backward kernel.
-    dz, dbias = torch.ops.fastnets.bias_act_bwd(dy, x, bias, ctx.activation, ctx.slope, ctx.impl)
-    return dz, (dbias if bias is not None else None), None, None, None
+    dz, dbias = torch.ops.fastnets.bias_act_bwd(dy, x, bias, ctx.activation, ctx.slope, ctx.impl, ctx.gain,
+                                                ctx.clamp)
+    return dz, (dbias if bias is not None else None), None, None, None, None, None
 
 
 _bias_act_fwd.register_autograd(_backward, setup_context=_setup)
 
 
 def bias_act(input: Tensor, bias: Optional[Tensor] = None, activation: str = "relu", *,
-             negative_slope: float = 0.01) -> Tensor:
+             negative_slope: float = 0.01, gain: float = 1.0, clamp: Optional[float] = None) -> Tensor:
     """``act(input + bias)`` in one read and one write, bias broadcast over the last dim.
 
     input: (*, C), float16 / bfloat16 / float32 / float64; bias: (C,) or None.
     activation: "identity", "relu", "leaky_relu" (uses ``negative_slope``), "gelu" (erf),
     "gelu_tanh", "silu", "tanh", "sigmoid"; or gated "swiglu", "geglu", "geglu_tanh", which
     split the last dim in halves [gate | up] and return ``act(gate) * up`` of shape (*, C/2).
-    Backward: input and bias; the activation is recomputed from the input (nothing extra is
-    saved). Backends: triton (CUDA), cuda (fastnets._C, forced), interpret (CPU), torch.
+    gain / clamp (StyleGAN2's bias_act): the result is multiplied by ``gain`` and then clamped
+    to [-clamp, clamp]; the gradient is torch.clamp's (zero where clamped). Triton only: the
+    forced cuda backend raises for them.
+    Backward: input and bias, second derivatives too; the activation is recomputed from the
+    input (nothing extra is saved). Backends: triton (CUDA), cuda (fastnets._C, forced),
+    interpret (CPU), torch.
     """
     _checks.tensor("bias_act", "input", input, min_dim=1)
     if activation not in ACTIVATIONS and activation not in GATED:
@@ -114,11 +126,17 @@ def bias_act(input: Tensor, bias: Optional[Tensor] = None, activation: str = "re
         raise ValueError(f"bias_act: gated activation {activation!r} needs an even last dim of input, got {C}")
     bias = _checks.optional_param("bias_act", "bias", bias, like=input, shape=(C,))
     slope = _checks.number("bias_act", "negative_slope", negative_slope)
+    gain = _checks.number("bias_act", "gain", gain)
+    if clamp is not None:
+        clamp = _checks.number("bias_act", "clamp", clamp, min_value=0.0)
     backend = _dispatch.choose("bias_act", input.device, empty=input.numel() == 0)
     if backend == "torch":
-        return reference.bias_act(input, bias, activation, negative_slope=slope)
+        return reference.bias_act(input, bias, activation, negative_slope=slope, gain=gain, clamp=clamp)
+    if backend == "cuda" and (gain != 1.0 or clamp is not None):
+        raise ValueError("bias_act: gain and clamp are implemented in the Triton kernels only; the forced 'cuda' "
+                         "backend (fastnets._C) does not take them")
     x2d = input.reshape(-1, C).contiguous()
     bias = bias.contiguous() if bias is not None else None
     impl = "cuda" if backend == "cuda" else "triton"
-    y = torch.ops.fastnets.bias_act_fwd(x2d, bias, activation, slope, impl)
+    y = torch.ops.fastnets.bias_act_fwd(x2d, bias, activation, slope, impl, gain, clamp)
     return y.view(*input.shape[:-1], y.shape[-1])

@@ -18,7 +18,7 @@ ACTIVATIONS = {
 GATED = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
 
 
-def bias_act(input, bias=None, activation="relu", *, negative_slope=0.01):
+def bias_act(input, bias=None, activation="relu", *, negative_slope=0.01, gain=1.0, clamp=None):
     z = input.double() if input.dtype == torch.float64 else input.float()
     if bias is not None:
         z = z + bias.to(z.dtype)
@@ -27,4 +27,8 @@ def bias_act(input, bias=None, activation="relu", *, negative_slope=0.01):
         y = ACTIVATIONS[GATED[activation]](gate, negative_slope) * up
     else:
         y = ACTIVATIONS[activation](z, negative_slope)
+    if gain != 1.0:
+        y = y * gain
+    if clamp is not None:
+        y = y.clamp(-clamp, clamp)
     return y.to(input.dtype)
