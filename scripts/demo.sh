@@ -22,6 +22,8 @@ if [ "$GPU" = 1 ]; then
   python examples/train_char_lm.py --hidden 512 --steps 300 --amp --sample 200
   python examples/train_diffusion.py --steps 3000 --amp --sample-every 1000 --class-cond --guidance-scale 2 \
     --out "${FASTNETS_BENCH_OUT:-bench-out}/diffusion"
+  python examples/train_gan.py --steps 2000 --r1 1.0 --d-norm none --out "${FASTNETS_BENCH_OUT:-bench-out}/gan"
+  python examples/train_vae.py --steps 2000 --amp --out "${FASTNETS_BENCH_OUT:-bench-out}/vae"
 else
   python examples/train_cnn.py --epochs 1 --max-steps 4 --width 8 --size 8 --batch-size 32 --max-eval 128
   python examples/train_gpt.py --n-layer 1 --n-embd 32 --n-head 2 --seq-len 32 --batch-size 4 --steps 3 \
@@ -30,6 +32,10 @@ else
     --sample 40 --no-progress
   python examples/train_diffusion.py --size 8 --channels 8,16 --groups 4 --batch-size 8 --steps 3 --samples 8 \
     --sample-steps 3 --no-progress --out "${FASTNETS_BENCH_OUT:-bench-out}/diffusion"
+  python examples/train_gan.py --size 8 --nz 8 --ngf 8 --ndf 8 --batch-size 8 --steps 3 --samples 16 --r1 1.0 \
+    --d-norm none --no-progress --out "${FASTNETS_BENCH_OUT:-bench-out}/gan"
+  python examples/train_vae.py --size 8 --channels 8 --latent 2 --groups 4 --batch-size 8 --steps 3 --samples 8 \
+    --eval-size 16 --no-progress --out "${FASTNETS_BENCH_OUT:-bench-out}/vae"
 fi
 if [ "$GPU" = 1 ]; then
   python -m fastnets bench --quick --out "${FASTNETS_BENCH_OUT:-bench-out}" "$@"

@@ -54,3 +54,31 @@ def test_train_diffusion_smoke_save_resume(tmp_path):
     resumed = ddpm.main(["--resume", str(ckpt), "--steps", "3", "--samples", "0", "--size", "8", "--batch-size", "2",
                          "--no-progress"])
     assert resumed["steps"] == 3 and len(resumed["losses"]) == 1
+
+
+def test_train_gan_smoke_r1_save_resume(tmp_path):
+    gan = _load("train_gan")
+    ckpt, out = tmp_path / "gan.pt", tmp_path / "grids"
+    small = ["--size", "8", "--nz", "4", "--ngf", "4", "--ndf", "4", "--batch-size", "2", "--no-progress",
+             "--out", str(out)]
+    first = gan.main(small + ["--steps", "2", "--samples", "2", "--r1", "1.0", "--r1-every", "1", "--d-norm", "none",
+                              "--save", str(ckpt)])
+    assert first["steps"] == 2 and len(first["penalties"]) == 2
+    assert torch.isfinite(torch.tensor(first["d_losses"] + first["g_losses"] + first["penalties"])).all()
+    assert Path(first["grids"][-1]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    resumed = gan.main(["--resume", str(ckpt), "--steps", "3", "--samples", "0", "--batch-size", "2",
+                        "--no-progress"])
+    assert resumed["steps"] == 3 and len(resumed["d_losses"]) == 1
+
+
+def test_train_vae_smoke_save_resume(tmp_path):
+    vae = _load("train_vae")
+    ckpt, out = tmp_path / "vae.pt", tmp_path / "grids"
+    first = vae.main(["--size", "8", "--channels", "4", "--latent", "2", "--groups", "2", "--batch-size", "2",
+                      "--steps", "2", "--samples", "2", "--eval-size", "2", "--no-progress", "--out", str(out),
+                      "--save", str(ckpt)])
+    assert first["steps"] == 2 and torch.isfinite(torch.tensor(first["losses"])).all()
+    assert len(first["grids"]) == 3 and all(Path(g).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for g in first["grids"])
+    resumed = vae.main(["--resume", str(ckpt), "--steps", "3", "--samples", "0", "--batch-size", "2", "--eval-size", "2",
+                        "--no-progress"])
+    assert resumed["steps"] == 3 and len(resumed["losses"]) == 1
