@@ -14,10 +14,14 @@ gan:
   the input gradient with create_graph, the penalty, backward; fastnets' DCGAN
   discriminator vs the same network in plain torch with the same weights (eager and
   torch.compile of the loss function). Size = images.
+- A DCGAN training step (D on real and fake, G through D; 64x64, batch 128) vs the same
+  networks in plain torch, eager and compiled (GPU only).
 vae:
 - gaussian_sample_kl (reparameterized sample and per-sample KL) at SD-VAE latent shapes vs
   diffusers' DiagonalGaussianDistribution's formulas in torch. Bytes: moments and noise
   read, sample written (backward: moments, noise, dsample read; dmoments written).
+- The AutoencoderKL ELBO step (64x64, bf16 autocast) vs diffusers' AutoencoderKL, eager and
+  compiled (GPU with diffusers installed).
 """
 from __future__ import annotations
 
@@ -123,21 +127,44 @@ def loss_cases(device: torch.device, quick: bool) -> list[Case]:
     return cases
 
 
+def _torch_dcgan(nz: int, ngf: int, ndf: int, size: int, device):
+    """PyTorch's DCGAN example, in plain torch (the layout fastnets.models.DCGAN* keep)."""
+    from torch import nn
+    n = size.bit_length() - 3                      # 4x4 after the first layer, doubling up to size
+    mult = 2 ** (n - 1)
+    g = [nn.ConvTranspose2d(nz, ngf * mult, 4, 1, 0, bias=False), nn.BatchNorm2d(ngf * mult), nn.ReLU(True)]
+    for _ in range(n - 1):
+        g += [nn.ConvTranspose2d(ngf * mult, ngf * mult // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf * mult // 2),
+              nn.ReLU(True)]
+        mult //= 2
+    G = nn.Sequential(*g, nn.ConvTranspose2d(ngf, 3, 4, 2, 1, bias=False), nn.Tanh())
+    d, mult = [nn.Conv2d(3, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2)], 1
+    for _ in range(n - 1):
+        d += [nn.Conv2d(ndf * mult, ndf * mult * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * mult * 2),
+              nn.LeakyReLU(0.2)]
+        mult *= 2
+    D = nn.Sequential(*d, nn.Conv2d(ndf * mult, 1, 4, 1, 0, bias=False))
+    return G.to(device), D.to(device)
+
+
+def _dcgan_pair(device, nz, ngf, ndf, size):
+    """(fastnets G, D), (torch G, D) with the same weights."""
+    from ..models import DCGANDiscriminator, DCGANGenerator
+    torch.manual_seed(0)
+    G = DCGANGenerator(nz=nz, ngf=ngf, nc=3, image_size=size).to(device)
+    D = DCGANDiscriminator(nc=3, ndf=ndf, image_size=size).to(device)
+    tG, tD = _torch_dcgan(nz, ngf, ndf, size, device)
+    for ours, theirs in ((G, tG), (D, tD)):
+        theirs.load_state_dict({k.removeprefix("main."): v for k, v in ours.state_dict().items()})
+    return (G, D), (tG, tD)
+
+
 def r1_step_cases(device: torch.device, quick: bool) -> list[Case]:
     """forward + input gradient (create_graph) + R1 penalty + backward through a DCGAN
     discriminator, fastnets vs plain torch with the same weights."""
-    from ..models import DCGANDiscriminator
-    from torch import nn
     cuda = device.type == "cuda"
     B, size, ndf = (32 if quick else 64, 64, 64) if cuda else (2, 16, 4)
-    torch.manual_seed(0)
-    ours = DCGANDiscriminator(nc=3, ndf=ndf, image_size=size).to(device)
-    layers, ch, n = [nn.Conv2d(3, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2)], ndf, 1
-    while size // 2 ** (n + 1) >= 4:
-        layers += [nn.Conv2d(ch, 2 * ch, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * ch), nn.LeakyReLU(0.2)]
-        ch, n = 2 * ch, n + 1
-    theirs = nn.Sequential(*layers, nn.Conv2d(ch, 1, 4, 1, 0, bias=False)).to(device)
-    theirs.load_state_dict({k.removeprefix("main."): v for k, v in ours.state_dict().items()})
+    (_, ours), (_, theirs) = _dcgan_pair(device, 8, 4, ndf, size)
 
     def step(model, penalty):
         def fn(x):
@@ -160,8 +187,41 @@ def r1_step_cases(device: torch.device, quick: bool) -> list[Case]:
                  0, 0, modes=("fwd_bwd",), check_rel=1e-2)]
 
 
+def dcgan_train_cases(device: torch.device, quick: bool) -> list[Case]:
+    """One DCGAN training step's forward and backward (D on real and fake, G through D), 64x64,
+    batch 128 (64 quick), float32, fastnets vs plain torch with the same weights. Size = images.
+    GPU only: interpreted, a 64x64 DCGAN step takes minutes."""
+    if device.type != "cuda":
+        return []
+    B, nz = (64 if quick else 128), 100
+    (G, D), (tG, tD) = _dcgan_pair(device, nz, 64, 64, 64)
+
+    def step(gen, disc, loss):
+        def fn(real, z):
+            fake = gen(z)
+            d = loss(disc(real), True) + loss(disc(fake.detach()), False)
+            return d + loss(disc(fake), True)
+        return fn
+
+    def fast_loss(x, real):
+        return ops.gan_loss(x, real)
+
+    def torch_loss(x, real):
+        return F.softplus(-x if real else x).mean()
+
+    def inputs(dev):
+        return torch.randn(B, 3, 64, 64, device=dev), torch.randn(B, nz, 1, 1, device=dev)
+
+    compiled_G, compiled_D = torch.compile(tG), torch.compile(tD)
+    impls = {"fastnets": step(G, D, fast_loss), "torch": step(tG, tD, torch_loss),
+             "torch.compile": step(compiled_G, compiled_D, torch_loss)}
+    return [Case("gan", "dcgan_train_step", f"DCGAN 64x64 batch {B}", B, torch.float32, inputs, impls, 0, 0,
+                 modes=("fwd_bwd",), check_rel=0.05)]
+
+
 def gan_cases(device: torch.device, quick: bool) -> list[Case]:
-    return upfirdn_cases(device, quick) + loss_cases(device, quick) + r1_step_cases(device, quick)
+    return (upfirdn_cases(device, quick) + loss_cases(device, quick) + r1_step_cases(device, quick)
+            + dcgan_train_cases(device, quick))
 
 
 def vae_cases(device: torch.device, quick: bool) -> list[Case]:
@@ -201,4 +261,46 @@ def vae_cases(device: torch.device, quick: bool) -> list[Case]:
             # KL: moments read, B floats written; backward: moments read, dmoments written.
             cases.append(Case("vae", "gaussian_kl", label, n, dtype, inputs,
                               {"fastnets": fast_kl, **peers(torch_kl, device)}, 2 * n * es, 4 * n * es))
-    return cases
+    return cases + vae_train_cases(device, quick)
+
+
+def vae_train_cases(device: torch.device, quick: bool) -> list[Case]:
+    """The AutoencoderKL ELBO step (encode, reparameterize, decode, reconstruction + KL) at
+    64x64 RGB, batch 32 (16 quick), bf16 autocast, vs diffusers' AutoencoderKL with the same
+    weights, eager and torch.compile'd. Size = images. GPU and diffusers only."""
+    import importlib.util
+    if device.type != "cuda" or importlib.util.find_spec("diffusers") is None:
+        return []
+    import diffusers
+    from ..models import AutoencoderKL
+    B = 16 if quick else 32
+    cfg = dict(in_channels=3, out_channels=3, block_out_channels=(64, 128, 256),
+               down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+               latent_channels=4, norm_num_groups=32, layers_per_block=1, sample_size=64)
+    torch.manual_seed(0)
+    theirs = diffusers.AutoencoderKL(**cfg).to(device)
+    ours = AutoencoderKL(theirs.config).to(device)
+    ours.load_state_dict(theirs.state_dict())
+
+    def step(model):
+        def fn(x, eps):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                dist = model.encode(x).latent_dist
+                z = dist.mean + dist.std * eps
+                rec = model.decode(z).sample
+            return (rec.float() - x).square().flatten(1).sum(1).mean() + dist.kl().float().mean()
+        return fn
+
+    def fast(x, eps):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            dist = ours.encode(x).latent_dist
+            z, kl = ops.gaussian_sample_kl(dist.parameters, noise=eps.to(dist.parameters.dtype))
+            rec = ours.decode(z).sample
+        return (rec.float() - x).square().flatten(1).sum(1).mean() + kl.mean()
+
+    def inputs(dev):
+        return (torch.randn(B, 3, 64, 64, device=dev, requires_grad=True), torch.randn(B, 4, 16, 16, device=dev))
+
+    impls = {"fastnets": fast, "torch": step(theirs), "torch.compile": step(torch.compile(theirs))}
+    return [Case("vae", "autoencoder_kl_train_step", f"AutoencoderKL 64x64 batch {B}", B, torch.bfloat16, inputs,
+                 impls, 0, 0, modes=("fwd_bwd",), check_rel=0.05)]
