@@ -77,8 +77,9 @@ def draw(model: AutoencoderKL, held_out: torch.Tensor, args, step: int) -> list[
     paths = [save_image_grid(pairs, out / f"reconstructions_{step:06d}.png", nrow=k)]
     g = torch.Generator(device=x.device).manual_seed(args.seed)
     paths.append(save_image_grid(model.sample(n, generator=g).clamp(-1, 1), out / f"samples_{step:06d}.png", nrow=8))
-    lines = [model.interpolate(x[2 * i], x[2 * i + 1], steps=8) for i in range(min(4, n // 2))]
-    paths.append(save_image_grid(torch.cat(lines).clamp(-1, 1), out / f"interpolations_{step:06d}.png", nrow=8))
+    lines = [model.interpolate(x[2 * i], x[2 * i + 1], steps=min(8, n)) for i in range(min(4, n // 2))]
+    paths.append(save_image_grid(torch.cat(lines).clamp(-1, 1), out / f"interpolations_{step:06d}.png",
+                                 nrow=min(8, n)))
     model.train()
     return paths
 
