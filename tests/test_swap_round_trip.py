@@ -242,3 +242,20 @@ def test_round_trip_diffusers_unet():
     rules = {rule for *_, rule in report.replaced}
     assert {"diffusers.attention", "diffusers.resnet", "diffusers.timesteps"} <= rules
     assert all(model.get_submodule(n).processor is p for n, p in processors.items())
+
+
+def test_round_trip_diffusers_autoencoder_kl():
+    """swap() on diffusers' own AutoencoderKL (the latent VAE): its ResnetBlock2Ds have no time
+    embedding, which the fused resnet rule must take; unswap() restores everything."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=2,
+                                    down_block_types=("DownEncoderBlock2D",) * 2,
+                                    up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
+                                    layers_per_block=1).to(DEVICE).eval()
+    x = torch.randn(2, 3, 8, 8, device=DEVICE)
+
+    def run(m):
+        return m(x.to(next(m.parameters()).dtype)).sample
+    report = check_round_trip(model, run, ("conv2d", "group_norm", "scaled_dot_product_attention"))
+    assert "diffusers.resnet" in {rule for *_, rule in report.replaced}
