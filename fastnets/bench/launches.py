@@ -476,6 +476,25 @@ def _upfirdn_cases(case):
         upfirdn.upfirdn2d(mid, g, (1, 1), (2, 2), (1, 1), (64, 64))
 
 
+def _contrastive_cases(case):
+    from fastnets.kernels import contrastive
+    # CLIP at batch 32k x 512 (the benchmark), a distributed rank (4k local rows against
+    # 32k gathered columns, positives offset), a ragged small one; both kinds, with and without
+    # SigLIP's bias; float32 with and without TF32.
+    for dtype, (m, n, d, off), kind, tf32 in itertools.product(
+            DTYPES, ((32768, 32768, 512, 0), (4096, 32768, 768, 8192), (333, 333, 40, 0)), (0, 1), (False, True)):
+        if tf32 and dtype != torch.float32:
+            continue
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        for bias in ((None,) if kind == 0 else (None, meta(1, dtype=torch.float32))):
+            case(f"clip_loss kind={kind} {m}x{n}x{d} tf32={tf32}")
+            with _tf32("matmul", tf32):
+                a, b, s = meta(m, d, dtype=dtype), meta(n, d, dtype=dtype), meta(1, dtype=torch.float32)
+                contrastive.clip_loss_stats(a, b, s, bias, kind, off)
+                contrastive.clip_loss_bwd(meta(1, dtype=acc), a, b, s, bias, meta(m, dtype=acc), meta(n, dtype=acc),
+                                          kind, off)
+
+
 FAMILIES = {
     "norm": _norm_cases,
     "activation": _activation_cases,
@@ -488,6 +507,7 @@ FAMILIES = {
     "vae": _vae_cases,
     "gan": _gan_cases,
     "upfirdn": _upfirdn_cases,
+    "contrastive": _contrastive_cases,
 }
 
 

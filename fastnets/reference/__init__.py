@@ -8,10 +8,10 @@ from .conv import conv1d, conv2d, conv_transpose2d
 from .loss import cross_entropy, linear_cross_entropy
 from .norm import group_norm, layer_norm, rms_norm
 from .rope import apply_rotary_emb, rope_cos_sin
-from . import diffusion, gan, rnn, upfirdn, vae
+from . import contrastive, diffusion, gan, rnn, upfirdn, vae
 from .pool import adaptive_avg_pool2d, adaptive_max_pool2d, avg_pool2d, max_pool2d
 
 __all__ = ["adaptive_avg_pool2d", "adaptive_max_pool2d", "apply_rotary_emb", "attention", "avg_pool2d", "batch_norm",
-           "bias_act", "conv1d", "conv2d", "conv_transpose2d", "cross_entropy", "diffusion", "gan", "group_norm", "layer_norm",
+           "bias_act", "contrastive", "conv1d", "conv2d", "conv_transpose2d", "cross_entropy", "diffusion", "gan", "group_norm", "layer_norm",
            "linear_cross_entropy", "max_pool2d", "rms_norm", "rnn", "rope_cos_sin", "scaled_dot_product_attention",
            "upfirdn", "vae", "varlen_attention"]

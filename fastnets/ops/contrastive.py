@@ -1,0 +1,246 @@
+"""clip_loss: CLIP's softmax and SigLIP's sigmoid contrastive losses, tiled (kernels/contrastive.py):
+the batch x batch logits are never stored, forward or backward, in one process or across a
+torch.distributed group."""
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _dispatch, reference
+from . import _checks
+
+KINDS = {"softmax": 0, "sigmoid": 1}
+
+
+def _contrastive_kernels():
+    from ..kernels import contrastive
+    return contrastive
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_dispatch.register_op("clip_loss", "CLIP (softmax, both directions) / SigLIP (sigmoid) contrastive loss over "
+                                   "tiles, fwd + bwd, never storing the batch x batch logits; torch.distributed")
+
+
+@torch.library.custom_op("fastnets::clip_loss_stats", mutates_args=())
+def _clip_loss_stats(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kind: int, off: int
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    return _contrastive_kernels().clip_loss_stats(a, b, scale, bias, kind, off)
+
+
+@_clip_loss_stats.register_fake
+def _(a, b, scale, bias, kind, off):
+    acc = _acc(a.dtype)
+    if kind == KINDS["sigmoid"]:
+        return a.new_empty((a.shape[0],), dtype=acc), a.new_empty((0,), dtype=acc), a.new_empty((0,), dtype=acc)
+    return (a.new_empty((a.shape[0],), dtype=acc), a.new_empty((a.shape[0],), dtype=acc),
+            a.new_empty((b.shape[0],), dtype=acc))
+
+
+@torch.library.custom_op("fastnets::clip_loss_bwd", mutates_args=())
+def _clip_loss_bwd(g: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], lse_row: Tensor,
+                   lse_col: Tensor, kind: int, off: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _contrastive_kernels().clip_loss_bwd(g, a, b, scale, bias, lse_row, lse_col, kind, off)
+
+
+@_clip_loss_bwd.register_fake
+def _(g, a, b, scale, bias, lse_row, lse_col, kind, off):
+    acc = _acc(a.dtype)
+    return torch.empty_like(a), torch.empty_like(b), a.new_empty((1,), dtype=acc), a.new_empty((1,), dtype=acc)
+
+
+def _all_gather(t: Tensor, group) -> Tensor:
+    import torch.distributed as dist
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All ranks' rows in rank order; the backward sums every rank's gradient for this rank's
+    rows (reduce-scatter on NCCL; all-reduce + slice where reduce-scatter is missing, gloo)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group):
+        import torch.distributed as dist
+        ctx.group, ctx.rank, ctx.rows = group, dist.get_rank(group), t.shape[0]
+        return _all_gather(t, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        import torch.distributed as dist
+        grad = grad.contiguous()
+        if dist.get_backend(ctx.group) == "nccl":
+            out = torch.empty((ctx.rows,) + tuple(grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+            dist.reduce_scatter_tensor(out, grad, group=ctx.group)
+            return out, None
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows].clone(), None
+
+
+def gather_with_grad(t: Tensor, group=None) -> Tensor:
+    """torch.distributed all-gather of `t` along dim 0 that gradients flow back through."""
+    return _GatherWithGrad.apply(t, group)
+
+
+class _ClipLoss(torch.autograd.Function):
+    """One rank's (or the only process's) share of the loss over rows a (M local) against
+    columns b (N, all ranks'); row i's positive is column i + off.
+
+    softmax: the column log-sum-exps need every rank's rows: each rank merges its rows'
+    partial column lse in the kernel, and an all-gather of those (N floats a rank) completes
+    them. The backward then gives, on each rank, that rank's block of the *global* loss's
+    gradient: d a is complete, d b is the block's contribution, which the gather's backward
+    sums over ranks. Averaged over ranks (DDP), the gradients equal the single-process
+    loss's on the whole batch, as open_clip's local loss does."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kind: int, off: int,
+                distributed: bool, group):
+        row, diag, col = torch.ops.fastnets.clip_loss_stats(a, b, scale, bias, kind, off)
+        M = a.shape[0]
+        if kind == KINDS["softmax"]:
+            if distributed:
+                col = torch.logsumexp(_all_gather(col[None], group), dim=0)
+            loss = ((row - diag).sum() + (col[off:off + M] - diag).sum()) / (2 * M)
+        else:
+            loss = row.sum() / M
+        ctx.save_for_backward(a, b, scale, bias, row, col)
+        ctx.kind, ctx.off = kind, off
+        ctx.scale_dtype = scale.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return loss
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        a, b, scale, bias, row, col = ctx.saved_tensors
+        M = a.shape[0]
+        gs = (g.to(_acc(a.dtype)) / (2 * M if ctx.kind == KINDS["softmax"] else M)).reshape(1)
+        da, db, dscale, dbias = torch.ops.fastnets.clip_loss_bwd(gs, a, b, scale, bias, row, col, ctx.kind, ctx.off)
+        return (da, db, dscale.to(ctx.scale_dtype), dbias.to(ctx.bias_dtype) if bias is not None else None,
+                None, None, None, None)
+
+
+def _scalar(op: str, name: str, v, like: Tensor, positive: bool) -> Tensor:
+    """A python number or a 1-element float tensor on the features' device, as a (1,) view."""
+    if isinstance(v, Tensor):
+        _checks.tensor(op, name, v)
+        if v.numel() != 1:
+            raise ValueError(f"{op}: {name} must be a number or a 1-element tensor, got shape {tuple(v.shape)}")
+        if v.device != like.device:
+            raise ValueError(f"{op}: {name} is on {v.device} but the features are on {like.device}")
+        # Reading a CUDA scalar would stall the stream each step: its sign is checked where free.
+        if positive and v.device.type != "cuda" and not torch.compiler.is_compiling() and not bool(v.detach() > 0):
+            raise ValueError(f"{op}: {name} must be positive (the multiplier itself, exp of the learned log scale), "
+                             f"got {float(v.detach())}")
+        return v.reshape(1)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{op}: {name} must be a real number or a tensor, got {type(v).__name__}")
+    if positive and not v > 0:
+        raise ValueError(f"{op}: {name} must be positive (the multiplier itself, exp of the learned log scale), got {v}")
+    return torch.full((1,), float(v), dtype=_acc(like.dtype), device=like.device)
+
+
+def _torch_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kind: str, off: int,
+                distributed: bool, group, b_local: Tensor) -> Tensor:
+    """The same loss on materialised logits (the torch backend), local-loss style under a group."""
+    if not distributed:
+        return reference.contrastive.clip_loss(a, b, scale, bias, kind)
+    acc = _acc(a.dtype)
+    M = a.shape[0]
+    logits = scale.to(acc) * a.to(acc) @ b.to(acc).T + (bias.to(acc) if bias is not None else 0)
+    if kind == "sigmoid":
+        labels = -torch.ones_like(logits)
+        labels[torch.arange(M), torch.arange(M) + off] = 1
+        return (-F.logsigmoid(labels * logits).sum() / M).to(a.dtype)
+    # The text -> image direction needs every rank's images: gather them too.
+    a_all = gather_with_grad(a, group)
+    logits_t = scale.to(acc) * b_local.to(acc) @ a_all.to(acc).T
+    labels = torch.arange(M, device=a.device) + off
+    return ((F.cross_entropy(logits, labels) + F.cross_entropy(logits_t, labels)) / 2).to(a.dtype)
+
+
+def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None, *,
+              kind: str = "softmax", normalize: bool = False, distributed: bool = False, group=None) -> Tensor:
+    """CLIP's or SigLIP's contrastive loss of matched (image, text) pairs, row i with row i.
+
+    With L = logit_scale * I Tᵀ (+ logit_bias), N pairs:
+
+    - ``kind="softmax"`` (CLIP, open_clip's ``ClipLoss``): the mean of the image->text and
+      text->image cross-entropies against the diagonal, both directions from one pass over
+      the tiles.
+    - ``kind="sigmoid"`` (SigLIP, open_clip's ``SigLipLoss``): ``-sum(logsigmoid(y * L)) / N``,
+      y = +1 on the diagonal and -1 elsewhere; ``logit_bias`` is added to every logit.
+
+    image_features, text_features: (N, D), same dtype and device, used as given (models
+    normalise them, as open_clip's do); ``normalize=True`` L2-normalises them first.
+    logit_scale: the multiplier itself (already exponentiated, as ``ClipLoss`` takes it), a
+    positive number or 1-element tensor (learnable: it gets a gradient); logit_bias likewise,
+    sigmoid only. The logits are computed tile by tile and never stored; the backward
+    recomputes them, so memory is O(N * D) plus O(N) per program, never O(N²).
+
+    ``distributed=True`` (inside torch.distributed, e.g. torchrun): the features are this
+    rank's local batch (the same size on every rank); every rank's text features are gathered
+    with gradient and this rank's rows are scored against all of them, the softmax's column
+    log-sum-exps completed by an all-gather of N floats a rank. The returned loss is this
+    rank's share normalised by its local batch (open_clip's local loss), so the gradients
+    averaged over ranks (DDP) equal the single-process loss's on the whole batch.
+
+    Returns a 0-d tensor in the features' dtype (float32 under autocast, as torch's
+    cross-entropy). fp16 / bf16 (tensor cores, float32 accumulation) / fp32 / fp64.
+    Backends: triton, interpret, torch (materialises the logits).
+    """
+    op = "clip_loss"
+    if kind not in KINDS:
+        raise ValueError(f"{op}: kind must be 'softmax' (CLIP) or 'sigmoid' (SigLIP), got {kind!r}")
+    _checks.tensor(op, "image_features", image_features)
+    _checks.tensor(op, "text_features", text_features)
+    for name, t in (("image_features", image_features), ("text_features", text_features)):
+        if t.dim() != 2:
+            raise ValueError(f"{op}: {name} must be (batch, dim), got shape {tuple(t.shape)}")
+    if image_features.shape[1] != text_features.shape[1]:
+        raise ValueError(f"{op}: image_features and text_features must have the same feature dim, got "
+                         f"{image_features.shape[1]} and {text_features.shape[1]}")
+    if image_features.shape[0] != text_features.shape[0]:
+        raise ValueError(f"{op}: image_features and text_features must hold the same number of pairs, got "
+                         f"{image_features.shape[0]} images and {text_features.shape[0]} texts")
+    if image_features.device != text_features.device:
+        raise ValueError(f"{op}: image_features is on {image_features.device} but text_features is on "
+                         f"{text_features.device}")
+    if image_features.shape[0] == 0:
+        raise ValueError(f"{op}: the batch is empty (0 pairs)")
+    cast = _checks.autocast(image_features, text_features)
+    out_dtype = torch.float32 if cast[0] is not image_features else None
+    a, b = cast
+    if a.dtype != b.dtype:
+        raise TypeError(f"{op}: image_features and text_features must have the same dtype, got {a.dtype} and "
+                        f"{b.dtype}")
+    if logit_bias is not None and kind == "softmax":
+        raise ValueError(f"{op}: logit_bias only applies to kind='sigmoid' (a constant shift leaves the softmax "
+                         "loss unchanged)")
+    scale = _scalar(op, "logit_scale", logit_scale, a, positive=True)
+    bias = _scalar(op, "logit_bias", logit_bias, a, positive=False) if logit_bias is not None else None
+    if normalize:
+        a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    a, b = a.contiguous() if a.stride(-1) != 1 else a, b.contiguous() if b.stride(-1) != 1 else b
+    off, b_local = 0, b
+    if distributed:
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(f"{op}: distributed=True needs an initialised torch.distributed process group "
+                               "(torchrun / init_process_group)")
+        off = dist.get_rank(group) * a.shape[0]
+        b = gather_with_grad(b, group)
+    backend = _dispatch.choose(op, a.device)
+    if backend == "torch":
+        loss = _torch_loss(a, b, scale, bias, kind, off, distributed, group, b_local)
+    else:
+        loss = _ClipLoss.apply(a, b, scale, bias, KINDS[kind], off, distributed, group).to(a.dtype)
+    return loss.to(out_dtype) if out_dtype is not None else loss
