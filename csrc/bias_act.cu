@@ -29,6 +29,7 @@ __device__ __forceinline__ A act_fwd(A z, int act, A slope) {
     case kSilu: return z / (A(1) + exp(-z));
     case kTanh: return tanh(z);
     case kSigmoid: return A(1) / (A(1) + exp(-z));
+    case kQuickGelu: return z / (A(1) + exp(A(-1.702) * z));
     default: return z;
   }
 }
@@ -55,6 +56,10 @@ __device__ __forceinline__ A act_grad(A z, int act, A slope) {
     case kSigmoid: {
       A s = A(1) / (A(1) + exp(-z));
       return s * (A(1) - s);
+    }
+    case kQuickGelu: {
+      A s = A(1) / (A(1) + exp(A(-1.702) * z));
+      return s + A(1.702) * z * s * (A(1) - s);
     }
     default: return A(1);
   }

@@ -9,7 +9,7 @@ namespace fastnets {
 enum class DType : int { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
 
 // Activation ids, shared with kernels/activation.py's ACTIVATIONS.
-enum Act : int { kIdentity = 0, kRelu, kLeakyRelu, kGelu, kGeluTanh, kSilu, kTanh, kSigmoid };
+enum Act : int { kIdentity = 0, kRelu, kLeakyRelu, kGelu, kGeluTanh, kSilu, kTanh, kSigmoid, kQuickGelu };
 
 // Forward when dy == nullptr (out = act(x + bias), or act(gate) * up when gated), else the
 // gradient of the pre-activation x + bias (out shaped like x). x: (M, C) contiguous; bias:

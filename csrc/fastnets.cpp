@@ -19,10 +19,10 @@ namespace fastnets {
 namespace {
 
 int act_id(const std::string& name, bool* gated) {
-  static const char* names[] = {"identity", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid"};
+  static const char* names[] = {"identity", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "quick_gelu"};
   *gated = name == "swiglu" || name == "geglu" || name == "geglu_tanh";
   const std::string base = name == "swiglu" ? "silu" : name == "geglu" ? "gelu" : name == "geglu_tanh" ? "gelu_tanh" : name;
-  for (int i = 0; i < 8; ++i)
+  for (int i = 0; i < 9; ++i)
     if (base == names[i]) return i;
   FN_CHECK(false, "activation: unknown name '", name, "'");
   return 0;

@@ -19,7 +19,7 @@ from ._common import acc_dtype, acc_torch_dtype, empty, next_pow2, persistent_pr
 
 # Activation ids: constexpr in the kernels, so each launch compiles only its branch.
 ACTIVATIONS = {"identity": 0, "relu": 1, "leaky_relu": 2, "gelu": 3, "gelu_tanh": 4,
-               "silu": 5, "tanh": 6, "sigmoid": 7}
+               "silu": 5, "tanh": 6, "sigmoid": 7, "quick_gelu": 8}
 # Gated: act(gate) * up, where the last dim of x holds [gate | up].
 GATED = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
 
@@ -60,6 +60,9 @@ def act_fwd(z, ACT: tl.constexpr, slope):
         y = _tanh(z)
     elif ACT == 7:
         y = _sigmoid(z)
+    elif ACT == 8:
+        # OpenAI CLIP's x * sigmoid(1.702 x).
+        y = z * _sigmoid(1.702 * z)
     else:
         y = z
     return y
@@ -87,6 +90,9 @@ def act_grad(z, ACT: tl.constexpr, slope):
     elif ACT == 7:
         s = _sigmoid(z)
         g = s * (1.0 - s)
+    elif ACT == 8:
+        s = _sigmoid(1.702 * z)
+        g = s + 1.702 * z * s * (1.0 - s)
     else:
         g = z * 0.0 + 1.0
     return g

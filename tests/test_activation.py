@@ -13,6 +13,7 @@ from tolerances import POINTWISE_DTYPES
 TORCH_ACT = {
     "identity": lambda z: z, "relu": F.relu, "leaky_relu": lambda z: F.leaky_relu(z, 0.2), "gelu": F.gelu,
     "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+    "quick_gelu": lambda z: z * torch.sigmoid(1.702 * z),
     "swiglu": lambda z: F.silu(z.chunk(2, -1)[0]) * z.chunk(2, -1)[1],
     "geglu": lambda z: F.gelu(z.chunk(2, -1)[0]) * z.chunk(2, -1)[1],
     "geglu_tanh": lambda z: F.gelu(z.chunk(2, -1)[0], approximate="tanh") * z.chunk(2, -1)[1],

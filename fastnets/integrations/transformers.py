@@ -130,6 +130,20 @@ def _bert_intermediate_forward(self, hidden_states: Tensor) -> Tensor:
     return ops.bias_act(F.linear(hidden_states, self.dense.weight), self.dense.bias, self._fastnets_act)
 
 
+def _clip_mlp_forward(self, hidden_states: Tensor) -> Tensor:
+    """CLIP's (and SigLIP's) MLP: fc1's bias and quick-GELU / GELU fused after the GEMM."""
+    return self.fc2(ops.bias_act(F.linear(hidden_states, self.fc1.weight), self.fc1.bias, self._fastnets_act))
+
+
+def _clip_model_forward(self, *args, return_loss=None, **kwargs):
+    """CLIPModel.forward with the contrastive loss on fastnets' tiled clip_loss (the same
+    symmetric cross-entropy on the same normalised embeddings and scale)."""
+    out = type(self).__bases__[0].forward(self, *args, return_loss=False, **kwargs)
+    if return_loss:
+        out.loss = ops.clip_loss(out.image_embeds, out.text_embeds, self.logit_scale.exp())
+    return out
+
+
 _GATED = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}
 
 
@@ -226,6 +240,15 @@ RULES = [
                lambda model, match: _reclass(model, match, _bert_intermediate_forward, _fastnets_act=(
                    fused_activation_name(model.get_submodule(match.names[0]).intermediate_act_fn))),
                target="fused bias + GELU"),
+    Rule("transformers.clip_mlp",
+               lambda model: _find(model, lambda m: type(m).__name__ in ("CLIPMLP", "SiglipMLP")
+                                   and fused_activation_name(m.activation_fn) in ("quick_gelu", "gelu", "gelu_tanh")),
+               lambda model, match: _reclass(model, match, _clip_mlp_forward, _fastnets_act=(
+                   fused_activation_name(model.get_submodule(match.names[0]).activation_fn))),
+               target="fused bias + quick-GELU / GELU"),
+    Rule("transformers.clip_loss", lambda model: _find(model, lambda m: type(m).__name__ == "CLIPModel"),
+               lambda model, match: _reclass(model, match, _clip_model_forward),
+               target="fastnets clip_loss (tiled, both directions)"),
     Rule("transformers.loss", lambda model: [m for m in _top_models(model)
                                                     if _loss_kind(model.get_submodule(m.names[0]))],
                _loss_convert, _loss_revert, target="fastnets cross_entropy", changes_class=False),
@@ -235,8 +258,9 @@ for _rule in RULES:
 
 GROUPS = {"attention": ("transformers.attention",),
           "norms": ("transformers.rms_norm", "torch.nn.modules.normalization.LayerNorm"),
-          "mlp": ("transformers.gated_mlp", "transformers.gpt2_mlp", "transformers.bert_intermediate"),
-          "cross_entropy": ("transformers.loss",)}
+          "mlp": ("transformers.gated_mlp", "transformers.gpt2_mlp", "transformers.bert_intermediate",
+                  "transformers.clip_mlp"),
+          "cross_entropy": ("transformers.loss", "transformers.clip_loss")}
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor, vocab_size: int, num_items_in_batch=None, ignore_index: int = -100,
@@ -275,8 +299,10 @@ def apply_fastnets(model: nn.Module, *, attention: bool = True, norms: bool = Tr
     - norms: LayerNorm -> fastnets.nn.LayerNorm; *RMSNorm modules (Llama, Mistral, Qwen;
       Gemma's 1 + weight convention) -> fastnets rms_norm;
     - mlp: gated MLPs (gate_proj / up_proj / down_proj with SiLU or GELU) as one GEMM + a
-      fused SwiGLU / GeGLU; GPT-2's MLP and BERT's intermediate with a fused bias + GELU;
-    - cross_entropy: the causal-LM / masked-LM loss on fastnets' cross-entropy.
+      fused SwiGLU / GeGLU; GPT-2's MLP, BERT's intermediate and CLIP / SigLIP's MLP with a
+      fused bias + GELU / quick-GELU;
+    - cross_entropy: the causal-LM / masked-LM loss on fastnets' cross-entropy; CLIPModel's
+      contrastive loss on fastnets' tiled clip_loss.
     """
     _transformers()
     wanted = {"attention": attention, "norms": norms, "mlp": mlp, "cross_entropy": cross_entropy}

@@ -13,7 +13,7 @@ from ..reference.activation import ACTIVATIONS
 
 # Hugging Face's activation classes, by class name (transformers is optional: no import).
 _HF_ACTIVATIONS = {"SiLUActivation": "silu", "GELUActivation": "gelu", "NewGELUActivation": "gelu_tanh",
-                   "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh", "GELUPytorchTanh": "gelu_tanh"}
+                   "GELUTanh": "gelu_tanh", "QuickGELUActivation": "quick_gelu", "PytorchGELUTanh": "gelu_tanh", "GELUPytorchTanh": "gelu_tanh"}
 _FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.gelu: "gelu", F.silu: "silu", torch.tanh: "tanh",
               F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid"}
 

@@ -19,7 +19,7 @@ ACTIVATIONS = tuple(reference.activation.ACTIVATIONS)   # the one list of names,
 GATED = tuple(reference.activation.GATED)
 
 _dispatch.register_op("bias_act", "fused bias + activation (relu, leaky_relu, gelu, gelu_tanh, silu, tanh, "
-                                  "sigmoid) and gated swiglu / geglu", has_cuda=True)
+                                  "sigmoid, quick_gelu) and gated swiglu / geglu", has_cuda=True)
 
 
 class _CudaBiasAct:
@@ -109,8 +109,9 @@ def bias_act(input: Tensor, bias: Optional[Tensor] = None, activation: str = "re
 
     input: (*, C), float16 / bfloat16 / float32 / float64; bias: (C,) or None.
     activation: "identity", "relu", "leaky_relu" (uses ``negative_slope``), "gelu" (erf),
-    "gelu_tanh", "silu", "tanh", "sigmoid"; or gated "swiglu", "geglu", "geglu_tanh", which
-    split the last dim in halves [gate | up] and return ``act(gate) * up`` of shape (*, C/2).
+    "gelu_tanh", "silu", "tanh", "sigmoid", "quick_gelu" (OpenAI CLIP's x * sigmoid(1.702 x));
+    or gated "swiglu", "geglu", "geglu_tanh", which split the last dim in halves [gate | up]
+    and return ``act(gate) * up`` of shape (*, C/2).
     gain / clamp (StyleGAN2's bias_act): the result is multiplied by ``gain`` and then clamped
     to [-clamp, clamp]; the gradient is torch.clamp's (zero where clamped). Triton only: the
     forced cuda backend raises for them.

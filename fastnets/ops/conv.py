@@ -445,3 +445,45 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
         y, _ = torch.ops.fastnets.conv_transpose2d_fwd(x, weight, bias, list(stride_), list(pad), list(dil), groups,
                                                        list(out_hw), activation, slope, save_z)
     return y.squeeze(0) if unbatched else y
+
+
+def patch_embed(pixel_values: Tensor, weight: Tensor, class_embedding: Optional[Tensor] = None,
+                position_embedding: Optional[Tensor] = None) -> Tensor:
+    """A ViT's token embedding: non-overlapping patches through the convolution kernel
+    (stride = kernel = patch), the positional embedding added in the kernel's epilogue
+    (its residual input), then the class token (plus its position) in front.
+
+    pixel_values (B, C, H, W); weight (E, C, p, p); class_embedding (E,) or None;
+    position_embedding (1 + H/p * W/p, E) with a class token, (H/p * W/p, E) without, or None.
+    Returns (B, [1 +] H/p * W/p, E), patches in row-major order (CLIP / ViT / timm's order).
+    Differentiable in everything but the pixels' layout."""
+    op = "patch_embed"
+    _checks.tensor(op, "pixel_values", pixel_values)
+    _checks.tensor(op, "weight", weight)
+    if pixel_values.dim() != 4 or weight.dim() != 4 or weight.shape[-1] != weight.shape[-2]:
+        raise ValueError(f"{op}: pixel_values must be (B, C, H, W) and weight (E, C, p, p), got "
+                         f"{tuple(pixel_values.shape)} and {tuple(weight.shape)}")
+    B, _, H, W = pixel_values.shape
+    E, p = weight.shape[0], weight.shape[-1]
+    if H % p or W % p:
+        raise ValueError(f"{op}: image size {H}x{W} must be a multiple of the patch size {p}")
+    gh, gw = H // p, W // p
+    n_cls = 0 if class_embedding is None else 1
+    if class_embedding is not None and tuple(class_embedding.shape) != (E,):
+        raise ValueError(f"{op}: class_embedding must have shape ({E},), got {tuple(class_embedding.shape)}")
+    if position_embedding is not None and tuple(position_embedding.shape) != (n_cls + gh * gw, E):
+        raise ValueError(f"{op}: position_embedding must have shape ({n_cls + gh * gw}, {E}), got "
+                         f"{tuple(position_embedding.shape)}")
+    dtype = _checks.autocast(pixel_values, weight)[0].dtype
+    residual = None
+    if position_embedding is not None:
+        # (E, gh, gw) broadcast over the batch: a stride-0 view, read by the epilogue.
+        pos = position_embedding[n_cls:].to(dtype).t().reshape(1, E, gh, gw)
+        residual = pos.expand(B, E, gh, gw)
+    tokens = conv2d(pixel_values, weight, stride=p, residual=residual).flatten(2).transpose(1, 2)
+    if class_embedding is None:
+        return tokens
+    cls = class_embedding.to(tokens.dtype)
+    if position_embedding is not None:
+        cls = cls + position_embedding[0].to(tokens.dtype)
+    return torch.cat([cls.expand(B, 1, E), tokens], dim=1)

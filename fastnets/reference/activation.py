@@ -14,6 +14,7 @@ ACTIVATIONS = {
     "silu": lambda z, s: F.silu(z),
     "tanh": lambda z, s: torch.tanh(z),
     "sigmoid": lambda z, s: torch.sigmoid(z),
+    "quick_gelu": lambda z, s: z * torch.sigmoid(1.702 * z),     # OpenAI CLIP's activation
 }
 GATED = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
 

@@ -1,0 +1,180 @@
+"""fastnets.models.CLIPModel against transformers' CLIPModel with the same weights (logits,
+loss, every parameter's gradient), state dicts both ways, the feature APIs, the SigLIP
+variant, patch_embed, the zero-shot head, and swap() of HF's own CLIP."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastnets
+from fastnets import ops
+from fastnets.models import CLIPConfig, CLIPModel, zero_shot_logits
+from helpers import DEVICE, assert_close, expect_backend
+from tolerances import MODEL_FLOAT64, MODEL_TRAIN_FLOAT32
+
+transformers = pytest.importorskip("transformers")
+
+EOS = 98
+
+
+def _hf_config(act="quick_gelu"):
+    return transformers.CLIPConfig(
+        text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=12, eos_token_id=EOS, bos_token_id=97,
+                         pad_token_id=0, projection_dim=16, hidden_act=act),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=16, patch_size=4, projection_dim=16, hidden_act=act),
+        projection_dim=16)
+
+
+def _batch(n=3, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 97, (n, 9), generator=g)
+    mask = torch.ones_like(ids)
+    for i in range(n):                      # different lengths: EOT, then padding
+        end = 4 + i % 4
+        ids[i, end], ids[i, end + 1:], mask[i, end + 1:] = EOS, 0, 0
+    px = torch.randn(n, 3, 16, 16, generator=g)
+    return ids.to(DEVICE), mask.to(DEVICE), px.to(DEVICE, dtype)
+
+
+def _pair(act="quick_gelu", dtype=torch.float64):
+    torch.manual_seed(0)
+    hf = transformers.CLIPModel(_hf_config(act)).to(DEVICE, dtype)
+    ours = CLIPModel(_hf_config(act)).to(DEVICE, dtype)
+    ours.load_state_dict(hf.state_dict())
+    return hf, ours
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_clip_matches_hf_forward_and_every_gradient(act):
+    hf, ours = _pair(act)
+    ids, mask, px = _batch(dtype=torch.float64)
+    with expect_backend("clip_loss"), expect_backend("flash_attention"), expect_backend("bias_act"), \
+            expect_backend("conv2d"), expect_backend("layer_norm"):
+        a = ours(input_ids=ids, pixel_values=px, attention_mask=mask, return_loss=True)
+    b = hf(input_ids=ids, pixel_values=px, attention_mask=mask, return_loss=True)
+    for name in ("logits_per_image", "logits_per_text", "image_embeds", "text_embeds"):
+        assert_close(getattr(a, name), getattr(b, name), torch.float64, name, tol=MODEL_FLOAT64)
+    assert_close(a.text_model_output.pooler_output, b.text_model_output.pooler_output, torch.float64, "text pooled",
+                 tol=MODEL_FLOAT64)
+    assert_close(a.loss, b.loss, torch.float64, "loss", tol=MODEL_FLOAT64)
+    a.loss.backward()
+    b.loss.backward()
+    theirs = dict(hf.named_parameters())
+    # Gradients that are zero in exact arithmetic (the key bias: softmax ignores a constant
+    # per row) carry the rounding of their terms: absolute errors are judged against the
+    # model's largest gradient.
+    scale = max(p.grad.abs().max().item() for p in hf.parameters())
+    for name, p in ours.named_parameters():
+        assert p.grad is not None, name
+        assert_close(p.grad, theirs[name].grad, torch.float64, f"grad {name}", min_scale=scale, tol=MODEL_FLOAT64)
+
+
+def test_clip_state_dict_both_ways_and_feature_apis():
+    hf, ours = _pair(dtype=torch.float32)
+    assert set(ours.state_dict()) == set(hf.state_dict())
+    ours2 = CLIPModel(_hf_config())
+    ours2.load_state_dict(ours.state_dict())
+    hf2 = transformers.CLIPModel(_hf_config()).to(DEVICE)
+    hf2.load_state_dict(ours.state_dict())
+    ids, mask, px = _batch()
+    v5 = int(transformers.__version__.split(".")[0]) >= 5
+    for got, want in ((ours.get_text_features(ids, mask), hf2.get_text_features(input_ids=ids, attention_mask=mask)),
+                      (ours.get_image_features(px), hf2.get_image_features(pixel_values=px))):
+        assert type(got) is type(want)
+        got_t, want_t = (got.pooler_output, want.pooler_output) if v5 else (got, want)
+        assert_close(got_t, want_t.double(), torch.float32, "features", tol=MODEL_TRAIN_FLOAT32)
+    assert_close(ours.encode_image(px, normalize=True), F.normalize(ours.get_image_features(px).pooler_output
+                                                                    if v5 else ours.get_image_features(px), dim=-1).double(),
+                 torch.float32, "encode_image")
+    # A config from the fastnets dataclass, no transformers involved: the same shapes.
+    c = CLIPConfig.from_name("tiny")
+    m = CLIPModel(c)
+    assert m.logit_scale.item() == pytest.approx(2.6592) and m.logit_bias is None
+
+
+def test_clip_training_step_without_logits_uses_the_tiled_loss():
+    hf, ours = _pair(dtype=torch.float32)
+    ids, mask, px = _batch(n=5)
+    out = ours(input_ids=ids, pixel_values=px, attention_mask=mask, return_loss=True, return_logits=False)
+    assert out.logits_per_image is None
+    want = hf(input_ids=ids, pixel_values=px, attention_mask=mask, return_loss=True).loss
+    assert abs(out.loss.item() - want.item()) < 1e-4
+
+
+def test_siglip_variant_loss_and_bias():
+    torch.manual_seed(0)
+    m = CLIPModel(_hf_config(), loss="sigmoid").to(DEVICE, torch.float64)
+    assert m.logit_bias is not None and m.logit_bias.item() == -10.0
+    ids, mask, px = _batch(n=4, dtype=torch.float64)
+    with expect_backend("clip_loss"):
+        out = m(input_ids=ids, pixel_values=px, attention_mask=mask, return_loss=True)
+    labels = 2 * torch.eye(4, dtype=torch.float64, device=DEVICE) - 1
+    want = -F.logsigmoid(labels * out.logits_per_image).sum() / 4
+    assert_close(out.loss, want, torch.float64, "siglip loss")
+    out.loss.backward()
+    assert m.logit_bias.grad is not None and m.logit_scale.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_patch_embed_matches_conv_cat_add(dtype):
+    g = torch.Generator().manual_seed(1)
+    px = torch.randn(2, 3, 12, 16, generator=g).to(DEVICE, dtype).requires_grad_()
+    w = (torch.randn(8, 3, 4, 4, generator=g) * 0.2).to(DEVICE, dtype).requires_grad_()
+    cls = torch.randn(8, generator=g).to(DEVICE, dtype).requires_grad_()
+    pos = torch.randn(13, 8, generator=g).to(DEVICE, dtype).requires_grad_()
+    with expect_backend("conv2d"):
+        got = ops.patch_embed(px, w, cls, pos)
+    args64 = [t.detach().double().requires_grad_() for t in (px, w, cls, pos)]
+    tok = F.conv2d(args64[0], args64[1], stride=4).flatten(2).transpose(1, 2)
+    want = torch.cat([args64[2].expand(2, 1, 8), tok], 1) + args64[3]
+    assert_close(got, want, dtype, "patch_embed")
+    gy = torch.randn(want.shape, generator=g).to(DEVICE)
+    got_g = torch.autograd.grad(got, (px, w, cls, pos), gy.to(dtype))
+    want_g = torch.autograd.grad(want, args64, gy.double())
+    for name, a, b in zip(("pixels", "weight", "class", "position"), got_g, want_g):
+        assert_close(a, b, dtype, f"patch_embed d {name}", tol=MODEL_TRAIN_FLOAT32
+                     if dtype == torch.float32 else None)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        ops.patch_embed(px[..., :10], w, cls, pos)
+    with pytest.raises(ValueError, match="position_embedding must have shape"):
+        ops.patch_embed(px, w, cls, pos[:5])
+
+
+def test_zero_shot_logits_head():
+    g = torch.Generator().manual_seed(2)
+    feats, cls = torch.randn(5, 6, generator=g), F.normalize(torch.randn(6, 4, generator=g), dim=0)
+    logits, top, idx = zero_shot_logits(feats, cls, 100.0, k=2)
+    want = 100.0 * F.normalize(feats, dim=-1) @ cls
+    assert torch.allclose(logits, want) and torch.equal(idx, want.topk(2, -1).indices)
+    with pytest.raises(ValueError, match="agree on D"):
+        zero_shot_logits(feats, cls[:5])
+    with pytest.raises(ValueError, match="k must be"):
+        zero_shot_logits(feats, cls, k=5)
+
+
+def test_swap_runs_hf_clip_on_fastnets_kernels_and_unswap_restores():
+    hf, _ = _pair(dtype=torch.float64)
+    ids, mask, px = _batch(dtype=torch.float64)
+    before = hf(input_ids=ids, pixel_values=px, attention_mask=mask, return_loss=True)
+    report = fastnets.swap(hf)
+    rules = {r[3] for r in report.replaced}
+    assert {"transformers.clip_mlp", "transformers.clip_loss", "transformers.attention"} <= rules, rules
+    with expect_backend("clip_loss"), expect_backend("flash_attention"), expect_backend("bias_act"):
+        after = hf(input_ids=ids, pixel_values=px, attention_mask=mask, return_loss=True)
+    assert_close(after.logits_per_image, before.logits_per_image, torch.float64, "swapped logits", tol=MODEL_FLOAT64)
+    assert_close(after.loss, before.loss, torch.float64, "swapped loss", tol=MODEL_FLOAT64)
+    fastnets.unswap(hf)
+    assert type(hf) is transformers.CLIPModel
+    again = hf(input_ids=ids, pixel_values=px, attention_mask=mask, return_loss=True)
+    assert torch.equal(again.loss, before.loss)
+
+
+def test_clip_config_errors():
+    with pytest.raises(ValueError, match="loss must be"):
+        CLIPConfig(loss="hinge")
+    with pytest.raises(TypeError, match="config must be"):
+        CLIPModel(42)
+    m = CLIPModel(_hf_config())
+    with pytest.raises(ValueError, match="doesn't match the model"):
+        m.encode_image(torch.randn(1, 3, 20, 20))
