@@ -92,3 +92,81 @@ def save_image_grid(images: torch.Tensor, path, nrow: int = 8, value_range: tupl
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(png)
     return path
+
+
+# --- an image-caption set for contrastive (CLIP) training, rendered locally -------------------
+
+CAPTION_COLORS = {"red": (0.9, 0.15, 0.15), "green": (0.15, 0.8, 0.2), "blue": (0.2, 0.35, 0.95),
+                  "yellow": (0.95, 0.9, 0.15), "purple": (0.65, 0.2, 0.85), "white": (0.95, 0.95, 0.95)}
+CAPTION_SHAPES = ("circle", "square", "triangle", "cross", "zero", "one", "two", "three", "four", "five", "six",
+                  "seven", "eight", "nine")
+CAPTION_POSITIONS = ("left", "right", "top", "bottom", "center")
+
+
+def caption(color: str, shape: str, position: str) -> str:
+    """The caption of one rendered image: "a red circle on the left", "a blue seven in the center"."""
+    where = "in the center" if position == "center" else f"on the {position}"
+    return f"a {color} {shape} {where}"
+
+
+def _digit_glyphs() -> torch.Tensor:
+    """(10, 8, 8) one clean-ish glyph per digit in [0, 1]: the first scikit-learn digit of each
+    class (generated seven-segment digits without scikit-learn)."""
+    try:
+        from sklearn.datasets import load_digits as sk_digits
+        data = sk_digits()
+        images, target = data.images, data.target
+    except ImportError:
+        images, target = synthetic_digits(n=10)
+    target = torch.as_tensor(target)
+    first = [int(torch.nonzero(target == d)[0]) for d in range(10)]
+    return torch.as_tensor(images[first], dtype=torch.float32) / 16.0
+
+
+def shape_captions(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, list[str], dict]:
+    """n images (n, 3, size, size) in [-1, 1] of one coloured shape or digit at one of five
+    positions on a noisy dark background, their captions, and the attributes as index
+    tensors {"color", "shape", "position"} (into CAPTION_COLORS / CAPTION_SHAPES /
+    CAPTION_POSITIONS) for zero-shot evaluation. Deterministic in seed; no download."""
+    if size < 16:
+        raise ValueError(f"shape_captions: size must be >= 16, got {size}")
+    g = torch.Generator().manual_seed(seed)
+    colors = list(CAPTION_COLORS)
+    attrs = {"color": torch.randint(len(colors), (n,), generator=g),
+             "shape": torch.randint(len(CAPTION_SHAPES), (n,), generator=g),
+             "position": torch.randint(len(CAPTION_POSITIONS), (n,), generator=g)}
+    glyphs = _digit_glyphs()
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                            indexing="ij")
+    centers = {"left": (0.5, 0.25), "right": (0.5, 0.75), "top": (0.25, 0.5), "bottom": (0.75, 0.5),
+               "center": (0.5, 0.5)}
+    images = 0.1 + 0.05 * torch.randn(n, 3, size, size, generator=g)
+    captions = []
+    for i in range(n):
+        color, shape, pos = colors[attrs["color"][i]], CAPTION_SHAPES[attrs["shape"][i]], \
+            CAPTION_POSITIONS[attrs["position"][i]]
+        jitter = (torch.rand(3, generator=g) - 0.5).tolist()
+        cy, cx = (centers[pos][0] + 0.06 * jitter[0]) * size, (centers[pos][1] + 0.06 * jitter[1]) * size
+        r = size * (0.16 + 0.04 * jitter[2])
+        dy, dx = yy - cy, xx - cx
+        if shape == "circle":
+            mask = dx * dx + dy * dy <= r * r
+        elif shape == "square":
+            mask = (dx.abs() <= 0.85 * r) & (dy.abs() <= 0.85 * r)
+        elif shape == "triangle":
+            mask = (dy <= r) & (dy >= -r) & (dx.abs() <= (dy + r) / 2)
+        elif shape == "cross":
+            mask = ((dx.abs() <= r / 3) & (dy.abs() <= r)) | ((dy.abs() <= r / 3) & (dx.abs() <= r))
+        else:
+            side = max(4, int(round(2 * r)))
+            glyph = F.interpolate(glyphs[CAPTION_SHAPES.index(shape) - 4][None, None], size=(side, side),
+                                  mode="bilinear", align_corners=False)[0, 0]
+            mask = torch.zeros(size, size, dtype=torch.bool)
+            top, left = int(round(cy - side / 2)), int(round(cx - side / 2))
+            t0, l0 = max(top, 0), max(left, 0)
+            t1, l1 = min(top + side, size), min(left + side, size)
+            mask[t0:t1, l0:l1] = glyph[t0 - top:t1 - top, l0 - left:l1 - left] > 0.35
+        rgb = torch.tensor(CAPTION_COLORS[color]).view(3, 1, 1)
+        images[i] = torch.where(mask, rgb.expand(3, size, size), images[i])
+        captions.append(caption(color, shape, pos))
+    return (images.clamp(0, 1) * 2 - 1), captions, attrs

@@ -24,6 +24,7 @@ if [ "$GPU" = 1 ]; then
     --out "${FASTNETS_BENCH_OUT:-bench-out}/diffusion"
   python examples/train_gan.py --steps 2000 --r1 1.0 --d-norm none --out "${FASTNETS_BENCH_OUT:-bench-out}/gan"
   python examples/train_vae.py --steps 2000 --amp --out "${FASTNETS_BENCH_OUT:-bench-out}/vae"
+  python examples/train_clip.py --epochs 6 --amp
 else
   python examples/train_cnn.py --epochs 1 --max-steps 4 --width 8 --size 8 --batch-size 32 --max-eval 128
   python examples/train_gpt.py --n-layer 1 --n-embd 32 --n-head 2 --seq-len 32 --batch-size 4 --steps 3 \
@@ -36,6 +37,8 @@ else
     --d-norm none --no-progress --out "${FASTNETS_BENCH_OUT:-bench-out}/gan"
   python examples/train_vae.py --size 8 --channels 8 --latent 2 --groups 4 --batch-size 8 --steps 3 --samples 8 \
     --eval-size 16 --no-progress --out "${FASTNETS_BENCH_OUT:-bench-out}/vae"
+  python examples/train_clip.py --width 16 --layers 1 --heads 1 --embed 8 --train-size 32 --batch-size 16 \
+    --epochs 1 --max-steps 2 --eval-size 16 --templates 1 --no-progress
 fi
 if [ "$GPU" = 1 ]; then
   python -m fastnets bench --quick --out "${FASTNETS_BENCH_OUT:-bench-out}" "$@"

@@ -1,6 +1,8 @@
 """fastnets.models.CLIPModel against transformers' CLIPModel with the same weights (logits,
 loss, every parameter's gradient), state dicts both ways, the feature APIs, the SigLIP
 variant, patch_embed, the zero-shot head, and swap() of HF's own CLIP."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -178,3 +180,50 @@ def test_clip_config_errors():
     m = CLIPModel(_hf_config())
     with pytest.raises(ValueError, match="doesn't match the model"):
         m.encode_image(torch.randn(1, 3, 20, 20))
+
+
+def test_tokenizer_trains_round_trips_and_saves(tmp_path):
+    from fastnets.datasets import shape_captions
+    from fastnets.text import ByteBPETokenizer
+    _, caps, _ = shape_captions(40, 16, seed=3)
+    tok = ByteBPETokenizer.train(caps, vocab_size=320)
+    assert tok.vocab_size <= 320 and tok.eot_token_id == tok.vocab_size - 1
+    ids, mask = tok(caps[:5] + ["Ünïcode and a very long caption " * 4], context_length=16)
+    assert ids.shape == (6, 16) and mask.dtype == torch.long
+    for i in range(5):
+        n = int(mask[i].sum())
+        assert ids[i, 0] == tok.sot_token_id and ids[i, n - 1] == tok.eot_token_id
+        assert (ids[i, n:] == tok.pad_token_id).all() and tok.decode(ids[i]) == caps[i]
+        assert len(tok.encode(caps[i])) < len(caps[i].encode())          # merges were learned and used
+    assert ids[5, -1] == tok.eot_token_id and mask[5].all()               # cut, keeping <eot>
+    assert tok.decode(tok.encode("ünïcode")) == "ünïcode"                  # unseen bytes still round-trip
+    tok.save(tmp_path / "tok.json")
+    again = ByteBPETokenizer.load(tmp_path / "tok.json")
+    assert torch.equal(again(caps, 16)[0], tok(caps, 16)[0])
+    with pytest.raises(ValueError, match="vocab_size must be"):
+        ByteBPETokenizer.train(caps, vocab_size=100)
+
+
+def test_zero_shot_pipeline_end_to_end():
+    from fastnets.datasets import CAPTION_SHAPES, caption, shape_captions
+    from fastnets.text import ByteBPETokenizer
+    images, caps, attrs = shape_captions(6, 32, seed=4)
+    assert images.shape == (6, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
+    assert caps[0] == caption(list(fastnets.datasets.CAPTION_COLORS)[attrs["color"][0]],
+                              CAPTION_SHAPES[attrs["shape"][0]],
+                              fastnets.datasets.CAPTION_POSITIONS[attrs["position"][0]])
+    tok = ByteBPETokenizer.train(caps * 3, vocab_size=280)
+    c = CLIPConfig.from_name("tiny")
+    c.text_config = dataclasses.replace(c.text_config, vocab_size=tok.vocab_size, eos_token_id=tok.eot_token_id,
+                                        pad_token_id=tok.pad_token_id, bos_token_id=tok.sot_token_id)
+    model = CLIPModel(c).to(DEVICE).eval()
+    names = CAPTION_SHAPES[:3]
+    templates = ["a red {} on the left", lambda s: f"a blue {s} in the center"]
+    with expect_backend("flash_attention"):
+        classifier = model.zero_shot_classifier(names, templates, lambda texts: tok(texts, 16))
+        feats = model.encode_image(images.to(DEVICE), normalize=True)
+    assert classifier.shape == (32, 3)
+    assert torch.allclose(classifier.norm(dim=0), torch.ones(3), atol=1e-5)
+    logits, top, idx = zero_shot_logits(feats, classifier, model.logit_scale.exp(), k=2, normalize=False)
+    assert logits.shape == (6, 3) and idx.shape == (6, 2) and (idx < 3).all()
+    assert torch.allclose(top[:, 0], logits.max(-1).values)

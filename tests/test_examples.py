@@ -82,3 +82,16 @@ def test_train_vae_smoke_save_resume(tmp_path):
     resumed = vae.main(["--resume", str(ckpt), "--steps", "2", "--samples", "0", "--batch-size", "2", "--eval-size", "2",
                         "--no-progress"])
     assert resumed["steps"] == 2 and len(resumed["losses"]) == 1
+
+
+def test_train_clip_smoke_save_resume(tmp_path):
+    clip = _load("train_clip")
+    ckpt = tmp_path / "clip.pt"
+    small = ["--width", "16", "--layers", "1", "--heads", "1", "--embed", "8", "--train-size", "16", "--batch-size", "8",
+             "--max-steps", "1", "--eval-size", "8", "--templates", "1", "--no-progress"]
+    first = clip.main(small + ["--epochs", "1", "--save", str(ckpt), "--loss", "sigmoid"])
+    assert first["epochs"] == 1 and len(first["history"]) == 1
+    h = first["history"][0]
+    assert torch.isfinite(torch.tensor(h["loss"])) and all(0.0 <= h[k] <= 1.0 for k in ("shape", "color", "position"))
+    resumed = clip.main(small + ["--resume", str(ckpt), "--epochs", "2"])
+    assert [e["epoch"] for e in resumed["history"]] == [2]
