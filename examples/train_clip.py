@@ -50,7 +50,7 @@ def parse(argv=None):
     p.add_argument("--eval-size", type=int, default=1024, help="held-out images for the zero-shot accuracy")
     p.add_argument("--templates", type=int, default=0,
                    help="caption templates per zero-shot class, evenly spread (0: all of them)")
-    p.add_argument("--epochs", type=int, default=6, help="epochs in total (including resumed ones)")
+    p.add_argument("--epochs", type=int, default=12, help="epochs in total (including resumed ones)")
     p.add_argument("--max-steps", type=int, default=0, help="stop each epoch after N steps (0: the whole set)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -118,7 +118,9 @@ def main(argv=None) -> dict:
         tok = ByteBPETokenizer.from_dict(resume["tokenizer"])
         config = CLIPConfig(**resume["config"])
     else:
-        tok = ByteBPETokenizer.train(captions, vocab_size=args.vocab)
+        # Trained on every caption the set's grammar can produce (420), whatever --train-size is.
+        corpus = [caption(c, s, p) for c in CAPTION_COLORS for s in CAPTION_SHAPES for p in CAPTION_POSITIONS]
+        tok = ByteBPETokenizer.train(corpus, vocab_size=args.vocab)
         config = build_config(args, tok)
     longest = max(len(tok.encode(c)) for c in set(captions))
     if longest + 2 > CONTEXT:

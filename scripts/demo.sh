@@ -24,7 +24,7 @@ if [ "$GPU" = 1 ]; then
     --out "${FASTNETS_BENCH_OUT:-bench-out}/diffusion"
   python examples/train_gan.py --steps 2000 --r1 1.0 --d-norm none --out "${FASTNETS_BENCH_OUT:-bench-out}/gan"
   python examples/train_vae.py --steps 2000 --amp --out "${FASTNETS_BENCH_OUT:-bench-out}/vae"
-  python examples/train_clip.py --epochs 6 --amp
+  python examples/train_clip.py --epochs 12 --amp
 else
   python examples/train_cnn.py --epochs 1 --max-steps 4 --width 8 --size 8 --batch-size 32 --max-eval 128
   python examples/train_gpt.py --n-layer 1 --n-embd 32 --n-head 2 --seq-len 32 --batch-size 4 --steps 3 \
