@@ -19,14 +19,15 @@ Backward recomputes each tile (flash-attention style). dL / dL_ij is symmetric i
   sigmoid: -g/N * y_ij * sigmoid(-y_ij L_ij),
 
 so one kernel computes dA = s * dL B and is called again with the roles swapped (A <-> B,
-lse_row <-> lse_col) for dB = s * dLᵀ A. The first call also leaves per-row partial sums for
-ds = sum_ij dL_ij (A Bᵀ)_ij = sum_i A_i · (dL B)_i and db = sum_ij dL_ij, summed in torch
-(N floats; deterministic). The (g / 2N) factor is applied to the float32 accumulator after
+lse_row <-> lse_col) for dB = s * dLᵀ A. The first call also leaves per-row partial sums,
+from the tiles in registers, for ds = sum_ij dL_ij (A Bᵀ)_ij and db = sum_ij dL_ij, summed in
+torch (N floats; deterministic). The (g / 2N) factor is applied to the float32 accumulator after
 the matmul, so the tile fed to the tensor cores holds values in [-2, 2], which fp16 / bf16
 represent well (at N = 32k the scaled values would sit in fp16's subnormals).
 
 A program's gradient tile is (BLOCK_M x BLOCK_D) columns of the feature dim; when D is wider
-than BLOCK_D the tile's logits are recomputed once per D block. Inputs fp16 / bf16 run on
+than BLOCK_D the tile's logits are recomputed once per D block (the tuner picks between a
+512-wide block, which covers CLIP's usual 512-dim features in one, and 256-wide ones). Inputs fp16 / bf16 run on
 tensor cores with float32 accumulation; float32 on TF32 exactly when torch's matmuls may;
 float64 (gradcheck) in float64.
 """
@@ -44,8 +45,8 @@ KIND_SIGMOID = 1
 
 
 @triton.jit
-def _logits_tile(A, Bm, rows, cols, row_ok, col_ok, D, stride_a, stride_b, s, b,
-                 ACC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _dot_tile(A, Bm, rows, cols, row_ok, col_ok, D, stride_a, stride_b,
+             ACC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
@@ -56,7 +57,7 @@ def _logits_tile(A, Bm, rows, cols, row_ok, col_ok, D, stride_a, stride_b, s, b,
         bt = tl.load(Bm + cols[:, None].to(tl.int64) * stride_b + kk[None, :], mask=col_ok[:, None] & (kk[None, :] < D),
                      other=0.0)
         acc = tl.dot(a, tl.trans(bt), acc, input_precision=PREC, out_dtype=ACC)
-    return acc * s + b
+    return acc
 
 
 @triton.jit
@@ -101,8 +102,8 @@ def _clip_fwd_kernel(A, Bm, Scale, Bias, RowOut, Diag, ColPart, M, N, D, OFF, st
         for cb in range(0, tl.cdiv(N, BLOCK_N)):
             cols = cb * BLOCK_N + tl.arange(0, BLOCK_N)
             col_ok = cols < N
-            logits = _logits_tile(A, Bm, rows, cols, row_ok, col_ok, D, stride_a, stride_b, s, b,
-                                  ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+            logits = _dot_tile(A, Bm, rows, cols, row_ok, col_ok, D, stride_a, stride_b,
+                               ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_K) * s + b
             valid = row_ok[:, None] & col_ok[None, :]
             on_diag = cols[None, :] == rows[:, None] + OFF
             if KIND == 0:
@@ -150,7 +151,7 @@ def _clip_col_lse_kernel(ColPart, Out, N, n_parts, ACC: tl.constexpr, BLOCK: tl.
 
 @triton.jit
 def _clip_bwd_kernel(A, Bm, LseA, LseB, Scale, Bias, Gout, DA, RowDS, RowDB, M, N, D, OFF, stride_a, stride_b,
-                     stride_da, n_dblocks,
+                     stride_da,
                      KIND: tl.constexpr, HAS_BIAS: tl.constexpr, WANT_SUMS: tl.constexpr, ACC: tl.constexpr,
                      PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      BLOCK_D: tl.constexpr):
@@ -172,11 +173,13 @@ def _clip_bwd_kernel(A, Bm, LseA, LseB, Scale, Bias, Gout, DA, RowDS, RowDB, M, 
         lse_a = tl.load(LseA + rows, mask=row_ok, other=0.0).to(ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     row_sum = tl.zeros([BLOCK_M], dtype=ACC)
+    row_ds = tl.zeros([BLOCK_M], dtype=ACC)
     for cb in range(0, tl.cdiv(N, BLOCK_N)):
         cols = cb * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        logits = _logits_tile(A, Bm, rows, cols, row_ok, col_ok, D, stride_a, stride_b, s, b,
-                              ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        dots = _dot_tile(A, Bm, rows, cols, row_ok, col_ok, D, stride_a, stride_b,
+                         ACC, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        logits = dots * s + b
         valid = row_ok[:, None] & col_ok[None, :]
         on_diag = cols[None, :] == rows[:, None] + OFF
         if KIND == 0:
@@ -188,6 +191,8 @@ def _clip_bwd_kernel(A, Bm, LseA, LseB, Scale, Bias, Gout, DA, RowDS, RowDB, M, 
         dl = tl.where(valid, dl, 0.0)
         if WANT_SUMS:
             row_sum += tl.sum(dl, axis=1)
+            # ds = sum_ij dL_ij S_ij from the tile in registers: no second read of A.
+            row_ds += tl.sum(dl * dots, axis=1)
         bd = tl.load(Bm + cols[:, None].to(tl.int64) * stride_b + offs_d[None, :],
                      mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         acc = tl.dot(dl.to(bd.dtype), bd, acc, input_precision=PREC, out_dtype=ACC)
@@ -196,9 +201,8 @@ def _clip_bwd_kernel(A, Bm, LseA, LseB, Scale, Bias, Gout, DA, RowDS, RowDB, M, 
     tl.store(DA + rows[:, None].to(tl.int64) * stride_da + offs_d[None, :], (acc * s).to(DA.dtype.element_ty),
              mask=out_mask)
     if WANT_SUMS:
-        ad = tl.load(A + rows[:, None].to(tl.int64) * stride_a + offs_d[None, :], mask=out_mask, other=0.0).to(ACC)
-        tl.store(RowDS + rows * n_dblocks + db_id, tl.sum(ad * acc, axis=1), mask=row_ok)
         if db_id == 0:
+            tl.store(RowDS + rows, row_ds * g, mask=row_ok)
             tl.store(RowDB + rows, row_sum * g, mask=row_ok)
 
 
@@ -234,10 +238,13 @@ _FWD_TILES = {
     "fp64": (32, 16, 16, 4, 1),
 }
 _BWD_TILES = {
-    "tc": (64, 64, 64, 128, 8, 3),
-    "tf32": (64, 32, 32, 128, 8, 2),
-    "fma": (16, 32, 16, 32, 4, 1),
-    "fp64": (16, 16, 16, 16, 4, 1),
+    # Tuned between: the whole of a 512-wide feature dim in one program (no logits recompute
+    # across D blocks, 128 accumulator registers a thread) and 256-wide D blocks with wider
+    # column tiles.
+    "tc": ((64, 32, 64, 512, 8, 2), (64, 64, 64, 256, 8, 2)),
+    "tf32": ((64, 32, 32, 128, 8, 2),),
+    "fma": ((16, 32, 16, 32, 4, 1),),
+    "fp64": ((16, 16, 16, 16, 4, 1),),
 }
 # The interpreter runs programs one after another: fewer, bigger tiles are faster on a CPU.
 _INTERPRET_FWD = (64, 64, 64, 4, 1)
@@ -248,10 +255,15 @@ def _fwd_tiles(dtype: torch.dtype, device: torch.device):
     return _FWD_TILES[_arith(dtype)] if _common.gpu_launch(device) else _INTERPRET_FWD
 
 
-def _bwd_tiles(dtype: torch.dtype, D: int, device: torch.device):
-    bm, bn, bk, bd, w, st = _BWD_TILES[_arith(dtype)] if _common.gpu_launch(device) else _INTERPRET_BWD
-    bd = min(bd, max(16, next_pow2(D)))
-    return bm, bn, bk, bd, w, st
+def _bwd_configs(dtype: torch.dtype, D: int, device: torch.device) -> list[dict]:
+    cands = _BWD_TILES[_arith(dtype)] if _common.gpu_launch(device) else (_INTERPRET_BWD,)
+    out = []
+    for bm, bn, bk, bd, w, st in cands:
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": min(bk, max(16, next_pow2(D))),
+               "BLOCK_D": min(bd, max(16, next_pow2(D))), "num_warps": w, "num_stages": st}
+        if cfg not in out:
+            out.append(cfg)
+    return out
 
 
 def _bias_ptr(bias: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -302,26 +314,26 @@ def clip_loss_bwd(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torc
     M, D = a.shape
     N = b.shape[0]
     acc = _common.acc_torch_dtype(a.dtype)
-    bm, bn, bk, bd, warps, stages = _bwd_tiles(a.dtype, D, a.device)
-    bk = min(bk, max(16, next_pow2(D)))
-    n_dblocks = triton.cdiv(D, bd)
     da = empty((M, D), dtype=a.dtype, device=a.device)
     dbm = empty((N, D), dtype=b.dtype, device=b.device)
-    row_ds = empty((M, n_dblocks), dtype=acc, device=a.device)
+    row_ds = empty((M,), dtype=acc, device=a.device)
     row_db = empty((M,), dtype=acc, device=a.device)
-    common = dict(KIND=kind, HAS_BIAS=bias is not None, ACC=acc_dtype(a.dtype), PREC=_precision(a.dtype),
-                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=bd, num_warps=warps, num_stages=stages)
+    common = dict(KIND=kind, HAS_BIAS=bias is not None, ACC=acc_dtype(a.dtype), PREC=_precision(a.dtype))
     lse_r = lse_row if kind == KIND_SOFTMAX else row_db
     lse_c = lse_col if kind == KIND_SOFTMAX else row_db
     bias_p = _bias_ptr(bias, scale)
+    configs = _bwd_configs(a.dtype, D, a.device)
+    key = (str(a.dtype), next_pow2(D), kind, bias is not None)
     if M and N:
-        _clip_bwd_kernel[(triton.cdiv(M, bm), n_dblocks)](
-            a, b, lse_r, lse_c, scale, bias_p, g, da, row_ds, row_db, M, N, D, off,
-            a.stride(0), b.stride(0), da.stride(0), n_dblocks, WANT_SUMS=True, **common)
+        _common.tuned_launch(
+            _clip_bwd_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(D, c["BLOCK_D"])), configs,
+            key + ("a",), a.device, a, b, lse_r, lse_c, scale, bias_p, g, da, row_ds, row_db, M, N, D, off,
+            a.stride(0), b.stride(0), da.stride(0), WANT_SUMS=True, **common)
         # The transpose: B's rows against A's columns, each column j's positive at row j - off.
-        _clip_bwd_kernel[(triton.cdiv(N, bm), n_dblocks)](
-            b, a, lse_c, lse_r, scale, bias_p, g, dbm, row_ds, row_db, N, M, D, -off,
-            b.stride(0), a.stride(0), dbm.stride(0), n_dblocks, WANT_SUMS=False, **common)
+        _common.tuned_launch(
+            _clip_bwd_kernel, lambda c: (triton.cdiv(N, c["BLOCK_M"]), triton.cdiv(D, c["BLOCK_D"])), configs,
+            key + ("b",), a.device, b, a, lse_c, lse_r, scale, bias_p, g, dbm, row_ds, row_db, N, M, D, -off,
+            b.stride(0), a.stride(0), dbm.stride(0), WANT_SUMS=False, **common)
     else:
         da.zero_(), dbm.zero_(), row_ds.zero_(), row_db.zero_()
     return da, dbm, row_ds.sum().reshape(1), row_db.sum().reshape(1)
