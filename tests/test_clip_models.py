@@ -227,3 +227,55 @@ def test_zero_shot_pipeline_end_to_end():
     logits, top, idx = zero_shot_logits(feats, classifier, model.logit_scale.exp(), k=2, normalize=False)
     assert logits.shape == (6, 3) and idx.shape == (6, 2) and (idx < 3).all()
     assert torch.allclose(top[:, 0], logits.max(-1).values)
+
+
+def test_cross_attention_matches_torch_with_unequal_lengths_and_padding():
+    from fastnets.models.fusion import CrossAttention
+    torch.manual_seed(3)
+    att = CrossAttention(32, 48, 4).to(DEVICE, torch.float64)
+    x, ctx = torch.randn(2, 5, 32, dtype=torch.float64, device=DEVICE), torch.randn(2, 9, 48, dtype=torch.float64,
+                                                                                     device=DEVICE)
+    keep = torch.ones(2, 9, dtype=torch.bool, device=DEVICE)
+    keep[1, 6:] = False
+    with expect_backend("flash_attention"):
+        got = att(x, ctx, keep)
+    q = att.q_proj(x).view(2, 5, 4, 8).transpose(1, 2)
+    k = att.k_proj(ctx).view(2, 9, 4, 8).transpose(1, 2)
+    v = att.v_proj(ctx).view(2, 9, 4, 8).transpose(1, 2)
+    want = att.out_proj(F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+                        .transpose(1, 2).reshape(2, 5, 32))
+    assert_close(got, want, torch.float64, "cross attention", tol=MODEL_FLOAT64)
+
+
+def test_fusion_model_from_clip_learns_a_fixed_batch():
+    from fastnets.datasets import shape_captions
+    from fastnets.models import ImageTextFusionModel
+    from fastnets.models.fusion import matching_batch
+    from fastnets.text import ByteBPETokenizer
+    images, caps, _ = shape_captions(6, 16, seed=5)
+    tok = ByteBPETokenizer.train(caps * 4, vocab_size=320)
+    c = CLIPConfig.from_name("tiny")
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    c.text_config = dataclasses.replace(c.text_config, vocab_size=tok.vocab_size, eos_token_id=tok.eot_token_id,
+                                        pad_token_id=tok.pad_token_id, bos_token_id=tok.sot_token_id, **small)
+    c.vision_config = dataclasses.replace(c.vision_config, image_size=16, patch_size=8, **small)
+    torch.manual_seed(0)
+    clip = CLIPModel(c).to(DEVICE)
+    model = ImageTextFusionModel.from_clip(clip, num_labels=2, num_fusion_layers=1, num_attention_heads=2, dropout=0.0)
+    assert torch.equal(model.vision_model.embeddings.class_embedding, clip.vision_model.embeddings.class_embedding)
+    ids, mask = tok(caps, 16)
+    ids, mask, labels = matching_batch(ids.to(DEVICE), mask.to(DEVICE), torch.Generator().manual_seed(1))
+    px = images.to(DEVICE)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(2):
+        with expect_backend("flash_attention"), expect_backend("cross_entropy"):
+            logits, loss = model(ids, px, mask, labels)
+        assert logits.shape == (6, 2)
+        opt.zero_grad()
+        loss.backward()
+        assert model.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+        assert model.text_model.embeddings.token_embedding.weight.grad.abs().sum() > 0
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
