@@ -35,6 +35,7 @@ PARTS=(
   "bench-rnn|benchmark: 2-layer LSTM / GRU fwd and fwd+bwd, packed, proj_size, decode step vs cuDNN / compile|7"
   "bench-diffusion|benchmark: sampler steps vs diffusers, q_sample, 50-step loops (CUDA graph), UNet2D train step|6"
   "bench-gan|benchmark: upfirdn2d, filtered_lrelu, GAN losses, R1 discriminator step, VAE sample / KL|4"
+  "bench-clip|benchmark: clip_loss 32k and 256k vs the unfused loss (time, peak memory), CLIP ViT-B/16 train step vs HF eager / compile|6"
   "bench-model|benchmark: ResNet-50 and GPT-2 124M training steps vs eager / torch.compile|7"
 )
 
@@ -100,6 +101,7 @@ run_part() {
     bench-rnn)         $PY -m fastnets bench --merge --out "$OUT" $QUICK --ops rnn ;;
     bench-diffusion)   $PY -m fastnets bench --merge --out "$OUT" $QUICK --ops diffusion ;;
     bench-gan)         $PY -m fastnets bench --merge --out "$OUT" $QUICK --ops gan vae ;;
+    bench-clip)        $PY -m fastnets bench --merge --out "$OUT" $QUICK --ops contrastive clip ;;
     bench-model)       $PY -m fastnets bench --merge --out "$OUT" $QUICK --ops model ;;
     *) echo "unknown part: $name"; return 2 ;;
   esac

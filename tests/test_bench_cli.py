@@ -96,3 +96,14 @@ def test_bench_gan_vae_cases_run_and_check(tmp_path):
     rows = json.loads(next(tmp_path.glob("*.json")).read_text())["results"]
     assert {r["op"] for r in rows} == {"upfirdn2d_up2", "filtered_lrelu_up2_down2", "gaussian_sample", "gaussian_kl"}
     assert all(r["error"] is None for r in rows if r["impl"].startswith("fastnets"))
+
+
+def test_bench_contrastive_cases_run_and_check(tmp_path):
+    """clip_loss (softmax and sigmoid) against the unfused open_clip formula, end to end
+    (functional on CPU): outputs and every gradient checked before any timing."""
+    out = subprocess.run([sys.executable, "-m", "fastnets", "bench", "--quick", "--no-plots", "--ops", "contrastive",
+                          "clip", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["results"]
+    assert {r["op"] for r in rows} == {"clip_loss_softmax", "clip_loss_sigmoid"}
+    assert all(r["error"] is None for r in rows if r["impl"].startswith("fastnets"))

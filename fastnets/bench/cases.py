@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from .. import ops
 from .cnn_cases import bn_pool_cases, conv_cases, resnet50_cases
 from .diffusion_cases import diffusion_cases
+from .clip_cases import clip_cases, contrastive_cases
 from .gan_cases import gan_cases, vae_cases
 from .harness import Case, dtype_size, peers
 from .rnn_cases import rnn_cases
@@ -148,4 +149,5 @@ def model_cases(device: torch.device, quick: bool) -> list[Case]:
 FAMILIES = {"norm": norm_cases, "activation": activation_cases, "conv": conv_cases, "bn_pool": bn_pool_cases,
             "attention": attention_cases, "decode": decode_cases, "rope": rope_cases,
             "cross_entropy": cross_entropy_cases, "lm_head": linear_cross_entropy_cases, "rnn": rnn_cases,
-            "diffusion": diffusion_cases, "gan": gan_cases, "vae": vae_cases, "model": model_cases}
+            "diffusion": diffusion_cases, "gan": gan_cases, "vae": vae_cases,
+            "contrastive": contrastive_cases, "clip": clip_cases, "model": model_cases}
