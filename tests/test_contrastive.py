@@ -132,6 +132,10 @@ def test_clip_loss_bad_input():
         ops.clip_loss(a[:0], b[:0], 1.0)
     with pytest.raises(RuntimeError, match="initialised torch.distributed"):
         ops.clip_loss(a, b, 1.0, distributed=True)
+    with pytest.raises(ValueError, match="needs kind='sigmoid'"):
+        ops.clip_loss(a, b, 1.0, distributed=True, exchange="neighbour")
+    with pytest.raises(ValueError, match="exchange must be"):
+        ops.clip_loss(a, b, 1.0, exchange="ring")
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="text_features is on"):
             ops.clip_loss(a.cuda(), b.cpu(), 1.0)
@@ -142,7 +146,7 @@ def test_clip_loss_bad_input():
 WORLD, LOCAL, DIM = 2, 9, 12
 
 
-def _distributed_worker(rank, init_file, kind, backend, results):
+def _distributed_worker(rank, init_file, kind, exchange, backend, results):
     import torch.distributed as dist
     os.environ.setdefault("TRITON_INTERPRET", "1")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -153,7 +157,7 @@ def _distributed_worker(rank, init_file, kind, backend, results):
         s = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
         bias = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True) if kind == "sigmoid" else None
         with fastnets.backend(backend):
-            loss = ops.clip_loss(a, b, s, bias, kind=kind, distributed=True)
+            loss = ops.clip_loss(a, b, s, bias, kind=kind, distributed=True, exchange=exchange)
         loss.backward()
         grads = [s.grad] + ([bias.grad] if bias is not None else [])
         for t in [loss.detach()] + grads:        # what DDP does with parameter gradients: average
@@ -166,15 +170,16 @@ def _distributed_worker(rank, init_file, kind, backend, results):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("kind,exchange", [("softmax", "gather"), ("sigmoid", "gather"), ("sigmoid", "neighbour")])
 @pytest.mark.parametrize("backend", ["interpret", "torch"])
-def test_clip_loss_distributed_equals_single_process(kind, backend, tmp_path):
+def test_clip_loss_distributed_equals_single_process(kind, exchange, backend, tmp_path):
     if backend == "interpret" and DEVICE.type == "cuda":
         pytest.skip("the 2-process check runs on CPU (gloo); the kernels are the interpreter's there")
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_distributed_worker, args=(r, str(tmp_path / "init"), kind, backend, results))
+    procs = [ctx.Process(target=_distributed_worker, args=(r, str(tmp_path / "init"), kind, exchange, backend,
+                                                           results))
              for r in range(WORLD)]
     for p in procs:
         p.start()

@@ -383,11 +383,13 @@ class CLIPModel(nn.Module):
 
     def forward(self, input_ids: Optional[Tensor] = None, pixel_values: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
-                return_loss: Optional[bool] = None, *, return_logits: bool = True, distributed: bool = False):
+                return_loss: Optional[bool] = None, *, return_logits: bool = True, distributed: bool = False,
+                exchange: str = "gather"):
         """transformers' CLIPModel.forward: normalised embeddings, logits_per_image / _per_text
         (scaled cosine similarities) and, with return_loss, the contrastive loss on fastnets'
         tiled kernel. return_logits=False skips the (B x B) logits (training: the loss never
-        forms them). distributed: the loss across torch.distributed ranks (clip_loss)."""
+        forms them). distributed / exchange: the loss across torch.distributed ranks (clip_loss;
+        exchange="neighbour" is SigLIP's ring, sigmoid loss only)."""
         Pooled, Out, v5 = _hf_outputs()
         th, tp = self.text_model(input_ids, attention_mask, position_ids)
         vh, vp = self.vision_model(pixel_values)
@@ -403,7 +405,7 @@ class CLIPModel(nn.Module):
         loss = None
         if return_loss:
             loss = ops.clip_loss(image_embeds, text_embeds, scale, self.logit_bias, kind=self.config.loss,
-                                 distributed=distributed)
+                                 distributed=distributed, exchange=exchange)
         return Out(loss=loss, logits_per_image=logits_per_image, logits_per_text=logits_per_text,
                    text_embeds=text_embeds, image_embeds=image_embeds,
                    # transformers v5 reports the projected features as the towers' pooler_output.

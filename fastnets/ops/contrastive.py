@@ -85,6 +85,32 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows].clone(), None
 
 
+def _ring_exchange(t: Tensor, send_to: int, recv_from: int, group) -> Tensor:
+    import torch.distributed as dist
+    out = torch.empty_like(t)
+    ops_ = [dist.P2POp(dist.isend, t.contiguous(), dist.get_global_rank(group, send_to) if group else send_to, group),
+            dist.P2POp(dist.irecv, out, dist.get_global_rank(group, recv_from) if group else recv_from, group)]
+    for req in dist.batch_isend_irecv(ops_):
+        req.wait()
+    return out
+
+
+class _NeighbourExchange(torch.autograd.Function):
+    """Send `t` to the next rank, receive the previous rank's; the gradient travels back the
+    other way, to the rank the tensor came from."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group):
+        import torch.distributed as dist
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        ctx.group, ctx.prev, ctx.next = group, (rank - 1) % world, (rank + 1) % world
+        return _ring_exchange(t, ctx.next, ctx.prev, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _ring_exchange(grad, ctx.prev, ctx.next, ctx.group), None
+
+
 def gather_with_grad(t: Tensor, group=None) -> Tensor:
     """torch.distributed all-gather of `t` along dim 0 that gradients flow back through."""
     return _GatherWithGrad.apply(t, group)
@@ -168,7 +194,8 @@ def _torch_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kin
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_bias=None, *,
-              kind: str = "softmax", normalize: bool = False, distributed: bool = False, group=None) -> Tensor:
+              kind: str = "softmax", normalize: bool = False, distributed: bool = False, group=None,
+              exchange: str = "gather") -> Tensor:
     """CLIP's or SigLIP's contrastive loss of matched (image, text) pairs, row i with row i.
 
     With L = logit_scale * I Tᵀ (+ logit_bias), N pairs:
@@ -192,6 +219,10 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_
     log-sum-exps completed by an all-gather of N floats a rank. The returned loss is this
     rank's share normalised by its local batch (open_clip's local loss), so the gradients
     averaged over ranks (DDP) equal the single-process loss's on the whole batch.
+    ``exchange="neighbour"`` (sigmoid only; SigLIP's scheme): no gather; the text features
+    travel round the ranks in a ring, one neighbour exchange a step, each step scoring this
+    rank's images against one rank's texts, so only two local batches of text features are
+    ever held (the softmax loss needs every column's log-sum-exp, so it always gathers).
 
     Returns a 0-d tensor in the features' dtype (float32 under autocast, as torch's
     cross-entropy). fp16 / bf16 (tensor cores, float32 accumulation) / fp32 / fp64.
@@ -230,12 +261,19 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_
     if normalize:
         a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     a, b = a.contiguous() if a.stride(-1) != 1 else a, b.contiguous() if b.stride(-1) != 1 else b
+    if exchange not in ("gather", "neighbour"):
+        raise ValueError(f"{op}: exchange must be 'gather' or 'neighbour', got {exchange!r}")
+    if exchange == "neighbour" and kind != "sigmoid":
+        raise ValueError(f"{op}: exchange='neighbour' needs kind='sigmoid' (the softmax loss needs every column's "
+                         "log-sum-exp: use the gather)")
     off, b_local = 0, b
     if distributed:
         import torch.distributed as dist
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(f"{op}: distributed=True needs an initialised torch.distributed process group "
                                "(torchrun / init_process_group)")
+        if exchange == "neighbour":
+            return _neighbour_loss(a, b, scale, bias, group, out_dtype)
         off = dist.get_rank(group) * a.shape[0]
         b = gather_with_grad(b, group)
     backend = _dispatch.choose(op, a.device)
@@ -243,4 +281,31 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_
         loss = _torch_loss(a, b, scale, bias, kind, off, distributed, group, b_local)
     else:
         loss = _ClipLoss.apply(a, b, scale, bias, KINDS[kind], off, distributed, group).to(a.dtype)
+    return loss.to(out_dtype) if out_dtype is not None else loss
+
+
+def _neighbour_loss(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], group, out_dtype) -> Tensor:
+    """SigLIP's ring: this rank's images against its own texts (the positives), then against
+    each other rank's texts as they arrive from the previous rank (all negatives)."""
+    import torch.distributed as dist
+    world = dist.get_world_size(group)
+    backend = _dispatch.choose("clip_loss", a.device)
+    M = a.shape[0]
+
+    def block(texts: Tensor, positives: bool) -> Tensor:
+        if backend == "torch":
+            logits = scale.to(_acc(a.dtype)) * a.to(_acc(a.dtype)) @ texts.to(_acc(a.dtype)).T + bias.to(_acc(a.dtype))
+            labels = (2 * torch.eye(M, device=a.device, dtype=logits.dtype) - 1 if positives
+                      else -torch.ones_like(logits))
+            return -F.logsigmoid(labels * logits).sum() / M
+        # off = the column count: no column i + off exists, so every pair is a negative.
+        return _ClipLoss.apply(a, texts, scale, bias, KINDS["sigmoid"], 0 if positives else texts.shape[0], False,
+                               None)
+
+    loss = block(b, True)
+    texts = b
+    for _ in range(world - 1):
+        texts = _NeighbourExchange.apply(texts, group)
+        loss = loss + block(texts, False)
+    loss = loss.to(a.dtype)
     return loss.to(out_dtype) if out_dtype is not None else loss
