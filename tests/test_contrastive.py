@@ -202,3 +202,19 @@ def test_clip_loss_distributed_equals_single_process(kind, exchange, backend, tm
         assert_close(torch.tensor(gscalars[0], dtype=torch.float64), s.grad, torch.float64, "d scale")
         if bias is not None:
             assert_close(torch.tensor(gscalars[1], dtype=torch.float64), bias.grad, torch.float64, "d bias")
+
+
+def test_clip_loss_under_torch_compile_fullgraph():
+    a, b = _features(9, 8, torch.float32, normalized=False)
+    s = torch.tensor(3.0, device=DEVICE)
+    args = [t.clone().requires_grad_() for t in (a, b, s)]
+    compiled = torch.compile(lambda a, b, s: ops.clip_loss(a, b, s, normalize=True), fullgraph=True,
+                             backend="aot_eager")
+    got = compiled(*args)
+    got.backward()
+    want_args = [t.clone().requires_grad_() for t in (a, b, s)]
+    want = ops.clip_loss(*want_args, normalize=True)
+    want.backward()
+    assert torch.equal(got, want)
+    for x, y in zip(args, want_args):
+        assert torch.equal(x.grad, y.grad)
