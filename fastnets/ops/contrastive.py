@@ -247,9 +247,11 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_
                          f"{text_features.device}")
     if image_features.shape[0] == 0:
         raise ValueError(f"{op}: the batch is empty (0 pairs)")
-    cast = _checks.autocast(image_features, text_features)
-    out_dtype = torch.float32 if cast[0] is not image_features else None
-    a, b = cast
+    a, b = _checks.autocast(image_features, text_features)
+    dev = a.device.type
+    # Under autocast the loss comes back in float32, as torch's cross-entropy does there.
+    out_dtype = (torch.float32 if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)
+                 and a.dtype in (torch.float16, torch.bfloat16) else None)
     if a.dtype != b.dtype:
         raise TypeError(f"{op}: image_features and text_features must have the same dtype, got {a.dtype} and "
                         f"{b.dtype}")
