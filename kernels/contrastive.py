@@ -206,6 +206,45 @@ def _clip_bwd_kernel(A, Bm, LseA, LseB, Scale, Bias, Gout, DA, RowDS, RowDB, M, 
             tl.store(RowDB + rows, row_sum * g, mask=row_ok)
 
 
+@triton.jit
+def _zero_shot_logits_kernel(X, W, Scale, Out, B, C, D, stride_x, stride_wd, stride_wc, stride_o,
+                             NORMALIZE: tl.constexpr, W_BY_CLASS: tl.constexpr, ACC: tl.constexpr,
+                             PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+    """Out = scale * normalize(X) @ W. A row's L2 norm scales the whole row of X @ W, so it is
+    accumulated beside the dot in the same K loop and applied to the tile at the end: the
+    features are read once, the normalised copy is never written."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < B, cols < C
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    sq = tl.zeros([BLOCK_M], dtype=ACC)
+    for k in range(0, D, BLOCK_K):
+        kk = k + offs_k
+        x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < D),
+                    other=0.0)
+        if W_BY_CLASS:
+            # (C, D) storage seen as (D, C): load (classes, k) rows, contiguous in k, and
+            # transpose the tile in the dot (a strided (k, classes) load spilled 100-440 B).
+            wt = tl.load(W + cols[:, None].to(tl.int64) * stride_wc + kk[None, :].to(tl.int64) * stride_wd,
+                         mask=col_ok[:, None] & (kk[None, :] < D), other=0.0)
+            acc = tl.dot(x, tl.trans(wt.to(x.dtype)), acc, input_precision=PREC, out_dtype=ACC)
+        else:
+            w = tl.load(W + kk[:, None].to(tl.int64) * stride_wd + cols[None, :].to(tl.int64) * stride_wc,
+                        mask=(kk[:, None] < D) & col_ok[None, :], other=0.0)
+            acc = tl.dot(x, w.to(x.dtype), acc, input_precision=PREC, out_dtype=ACC)
+        if NORMALIZE:
+            xf = x.to(ACC)
+            sq += tl.sum(xf * xf, axis=1)
+    factor = tl.load(Scale).to(ACC) + tl.zeros([BLOCK_M], dtype=ACC)
+    if NORMALIZE:
+        # F.normalize: x / max(||x||, 1e-12).
+        factor = factor / tl.maximum(tl.sqrt(sq), 1e-12)
+    tl.store(Out + rows[:, None].to(tl.int64) * stride_o + cols[None, :], (acc * factor[:, None]).to(
+        Out.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
 # --- launch configuration ---------------------------------------------------------------------
 
 def _precision(dtype: torch.dtype) -> str:
@@ -337,3 +376,25 @@ def clip_loss_bwd(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torc
     else:
         da.zero_(), dbm.zero_(), row_ds.zero_(), row_db.zero_()
     return da, dbm, row_ds.sum().reshape(1), row_db.sum().reshape(1)
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): a plain GEMM tile with a per-row epilogue.
+_ZERO_SHOT_TILES = {"tc": (64, 64, 32, 4, 3), "tf32": (64, 64, 32, 4, 3), "fma": (32, 32, 16, 4, 2),
+                    "fp64": (16, 32, 16, 4, 1)}
+
+
+def zero_shot_logits(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """scale * normalize(x) @ w for x (B, D) with unit stride on D and w (D, C) (any strides)."""
+    B, D = x.shape
+    C = w.shape[1]
+    out = empty((B, C), dtype=x.dtype, device=x.device)
+    bm, bn, bk, warps, stages = (_ZERO_SHOT_TILES[_arith(x.dtype)] if _common.gpu_launch(x.device)
+                                 else (64, 64, 64, 4, 1))
+    bk = min(bk, max(16, next_pow2(D)))
+    if B and C:
+        _zero_shot_logits_kernel[(triton.cdiv(B, bm), triton.cdiv(C, bn))](
+            x, w, scale, out, B, C, D, x.stride(0), w.stride(0), w.stride(1), out.stride(0),
+            NORMALIZE=normalize, W_BY_CLASS=w.stride(0) == 1 and C > 1, ACC=acc_dtype(x.dtype),
+            PREC=_precision(x.dtype),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    return out

@@ -218,3 +218,39 @@ def test_clip_loss_under_torch_compile_fullgraph():
     assert torch.equal(got, want)
     for x, y in zip(args, want_args):
         assert torch.equal(x.grad, y.grad)
+
+
+# --- the zero-shot head ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("b,d,c", [(1, 8, 3), (37, 40, 70)])
+def test_zero_shot_logits_matches_float64_and_torch(dtype, normalize, b, d, c):
+    g = torch.Generator().manual_seed(b + c)
+    x = (torch.randn(b, d, generator=g) * 3).to(DEVICE, dtype)
+    # The classifier as zero_shot_classifier builds it: unit columns of a (C, D) stack, transposed.
+    w = F.normalize(torch.randn(c, d, generator=g), dim=-1).to(DEVICE, dtype).t()
+    s = torch.tensor([14.0], device=DEVICE)
+
+    def peer(x, w, s):
+        f = F.normalize(x, dim=-1) if normalize else x
+        return s.to(x.dtype) * f @ w
+
+    check_op("zero_shot_logits", lambda x, w, s: ops.zero_shot_logits(x, w, s, normalize=normalize)[0],
+             lambda x, w, s: reference.contrastive.zero_shot_logits(x, w, s, normalize), [x, w, s], dtype, peer=peer)
+
+
+def test_zero_shot_logits_top_k_and_bad_input():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 6, generator=g).to(DEVICE), F.normalize(torch.randn(6, 4, generator=g), dim=0).to(DEVICE)
+    with expect_backend("zero_shot_logits"):
+        logits, top, idx = ops.zero_shot_logits(x, w, 100.0, k=2)
+    want = 100.0 * F.normalize(x, dim=-1) @ w
+    assert_close(logits, want.double(), torch.float32, "zero-shot logits")
+    assert torch.equal(idx, logits.topk(2, -1).indices) and torch.equal(top, logits.topk(2, -1).values)
+    with pytest.raises(ValueError, match="agree on D"):
+        ops.zero_shot_logits(x, w[:5])
+    with pytest.raises(ValueError, match="k must be"):
+        ops.zero_shot_logits(x, w, k=5)
+    with pytest.raises(TypeError, match="classifier must be float16"):
+        ops.zero_shot_logits(x, w.long())

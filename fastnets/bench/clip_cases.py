@@ -7,6 +7,8 @@ contrastive:
   FLOPs are the useful ones (forward: the logits GEMM, 2 N² D; backward: the two gradient
   GEMMs, 4 N² D; the tile recompute is not counted). The harness records each impl's peak
   memory over a fwd+bwd call (the issue's bar: fastnets <= 0.05x the unfused loss).
+- zero_shot_logits (normalise + matmul + scale in one kernel) at 8192 images x 512 x 1000
+  classes vs F.normalize and a matmul, eager and torch.compile (forward: inference).
 - clip_loss at batch 256k x 512 (not in --quick): fwd+bwd only. The unfused loss needs the
   256k x 256k logits (128 GiB in bf16), so its rows carry the out-of-memory error.
 clip (GPU with transformers):
@@ -69,6 +71,23 @@ def contrastive_cases(device: torch.device, quick: bool) -> list[Case]:
             cases.append(Case("contrastive", f"clip_loss_{kind}", f"{n}x{d}", n, dtype, _inputs(n, d, dtype, kind),
                               {"fastnets": fast, **peers(ref, device)}, 2 * n * d * es, 4 * n * d * es,
                               flops_fwd=2 * n * n * d, flops_bwd=4 * n * n * d, check_rel=2e-2))
+    # The zero-shot head: ImageNet's 1000 classes at 512 dims.
+    b_, d_, c_ = (8192, 512, 1000) if cuda else (37, 40, 70)
+
+    def zs_inputs(dev):
+        g = torch.Generator(device=dev).manual_seed(2)
+        return (torch.randn(b_, d_, device=dev, generator=g).to(dtype).requires_grad_(),
+                F.normalize(torch.randn(d_, c_, device=dev, generator=g), dim=0).to(dtype))
+
+    def zs_fast(x, w):
+        return ops.zero_shot_logits(x, w, 100.0)[0]
+
+    def zs_torch(x, w):
+        return 100.0 * F.normalize(x, dim=-1) @ w
+
+    cases.append(Case("contrastive", "zero_shot_logits", f"{b_}x{d_}x{c_}", b_, dtype, zs_inputs,
+                      {"fastnets": zs_fast, **peers(zs_torch, device)}, (b_ * d_ + d_ * c_ + b_ * c_) * es,
+                      (2 * b_ * d_ + d_ * c_ + b_ * c_) * es, modes=("fwd",), flops_fwd=2 * b_ * d_ * c_))
     if cuda and not quick:
         n, d = 262144, 512
 

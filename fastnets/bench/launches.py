@@ -493,6 +493,16 @@ def _contrastive_cases(case):
                 contrastive.clip_loss_stats(a, b, s, bias, kind, off)
                 contrastive.clip_loss_bwd(meta(1, dtype=acc), a, b, s, bias, meta(m, dtype=acc), meta(n, dtype=acc),
                                           kind, off)
+    # The zero-shot head: ImageNet's 1000 classes at CLIP's 512 dims and a ragged one; the
+    # classifier as zero_shot_classifier stacks it (D, C) and as its transpose's view.
+    for dtype, (b, d, c), normalize, transposed, tf32 in itertools.product(
+            DTYPES, ((1024, 512, 1000), (37, 40, 70)), (True, False), (False, True), (False, True)):
+        if tf32 and dtype != torch.float32:
+            continue
+        case(f"zero_shot_logits {b}x{d}x{c} normalize={normalize} transposed={transposed} tf32={tf32}")
+        with _tf32("matmul", tf32):
+            w = meta(c, d, dtype=dtype).t() if transposed else meta(d, c, dtype=dtype)
+            contrastive.zero_shot_logits(meta(b, d, dtype=dtype), w, meta(1, dtype=torch.float32), normalize)
 
 
 FAMILIES = {

@@ -441,17 +441,5 @@ class CLIPModel(nn.Module):
         return torch.stack(columns, dim=1)
 
 
-def zero_shot_logits(image_features: Tensor, classifier: Tensor, logit_scale=100.0, *, k: int = 1,
-                     normalize: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """The zero-shot head: (logits (B, C), top-k scores (B, k), top-k class indices (B, k))
-    for image features (B, D) against a classifier (D, C) from zero_shot_classifier;
-    normalize: L2-normalise the image features first (open_clip's encode_image(normalize=True))."""
-    if image_features.dim() != 2 or classifier.dim() != 2 or image_features.shape[1] != classifier.shape[0]:
-        raise ValueError(f"zero_shot_logits: image_features (B, D) and classifier (D, C) must agree on D, got "
-                         f"{tuple(image_features.shape)} and {tuple(classifier.shape)}")
-    if not 1 <= k <= classifier.shape[1]:
-        raise ValueError(f"zero_shot_logits: k must be in [1, {classifier.shape[1]}], got {k}")
-    f = F.normalize(image_features, dim=-1) if normalize else image_features
-    logits = logit_scale * f @ classifier.to(f.dtype)
-    top = logits.topk(k, dim=-1)
-    return logits, top.values, top.indices
+# The zero-shot head is an op (one fused kernel); models re-export it beside CLIPModel.
+zero_shot_logits = ops.zero_shot_logits

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _dispatch, reference
-from . import _checks
+from . import _checks, _double
 
 KINDS = {"softmax": 0, "sigmoid": 1}
 
@@ -54,6 +54,71 @@ def _clip_loss_bwd(g: Tensor, a: Tensor, b: Tensor, scale: Tensor, bias: Optiona
 def _(g, a, b, scale, bias, lse_row, lse_col, kind, off):
     acc = _acc(a.dtype)
     return torch.empty_like(a), torch.empty_like(b), a.new_empty((1,), dtype=acc), a.new_empty((1,), dtype=acc)
+
+
+_dispatch.register_op("zero_shot_logits", "zero-shot head: L2-normalise the image features, matmul with the class "
+                                          "embeddings and scale in one kernel (the norm accumulated in the K loop)")
+
+
+@torch.library.custom_op("fastnets::zero_shot_logits_fwd", mutates_args=())
+def _zero_shot_logits_fwd(x: Tensor, w: Tensor, scale: Tensor, normalize: bool) -> Tensor:
+    return _contrastive_kernels().zero_shot_logits(x, w, scale, normalize)
+
+
+@_zero_shot_logits_fwd.register_fake
+def _(x, w, scale, normalize):
+    return x.new_empty((x.shape[0], w.shape[1]))
+
+
+def _zero_shot_setup(ctx, inputs, output):
+    x, w, scale, normalize = inputs
+    ctx.save_for_backward(x, w, scale)
+    ctx.normalize = normalize
+
+
+def _zero_shot_backward(ctx, g):
+    # The backward is three GEMM-shaped products: cuBLAS through the reference formula's autograd.
+    x, w, scale = ctx.saved_tensors
+    dx, dw, ds = _double.reference_grads(
+        lambda x, w, s: reference.contrastive.zero_shot_logits(x, w, s, ctx.normalize), (x, w, scale), g)
+    return dx, dw, ds, None
+
+
+_zero_shot_logits_fwd.register_autograd(_zero_shot_backward, setup_context=_zero_shot_setup)
+
+
+def zero_shot_logits(image_features: Tensor, classifier: Tensor, logit_scale=100.0, *, k: int = 1,
+                     normalize: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """The zero-shot head: ``(logits (B, C), top-k scores (B, k), top-k class indices (B, k))``
+    with ``logits = logit_scale * normalize(image_features) @ classifier``.
+
+    image_features (B, D); classifier (D, C), e.g. CLIPModel.zero_shot_classifier's (open_clip's
+    layout; any strides); logit_scale a number or 1-element tensor. normalize: L2-normalise the
+    features first (F.normalize), fused into the matmul kernel: each row's norm is accumulated
+    in the same K loop and scales the finished tile, so the features are read once. The top-k
+    over the (B, C) logits is torch.topk. Differentiable (the backward's products run on torch's
+    matmuls). fp16 / bf16 / fp32 / fp64. Backends: triton, interpret, torch."""
+    op = "zero_shot_logits"
+    _checks.tensor(op, "image_features", image_features)
+    _checks.tensor(op, "classifier", classifier)
+    if image_features.dim() != 2 or classifier.dim() != 2 or image_features.shape[1] != classifier.shape[0]:
+        raise ValueError(f"{op}: image_features (B, D) and classifier (D, C) must agree on D, got "
+                         f"{tuple(image_features.shape)} and {tuple(classifier.shape)}")
+    if classifier.device != image_features.device:
+        raise ValueError(f"{op}: classifier is on {classifier.device} but image_features is on "
+                         f"{image_features.device}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= classifier.shape[1]:
+        raise ValueError(f"{op}: k must be an int in [1, {classifier.shape[1]}], got {k!r}")
+    x = image_features if image_features.stride(-1) == 1 else image_features.contiguous()
+    w = classifier.to(x.dtype)
+    scale = _scalar(op, "logit_scale", logit_scale, x, positive=False)
+    backend = _dispatch.choose(op, x.device, empty=x.numel() == 0 or w.numel() == 0)
+    if backend == "torch":
+        logits = reference.contrastive.zero_shot_logits(x, w, scale, normalize)
+    else:
+        logits = torch.ops.fastnets.zero_shot_logits_fwd(x, w, scale, normalize)
+    top = logits.topk(k, dim=-1)
+    return logits, top.values, top.indices
 
 
 def _all_gather(t: Tensor, group) -> Tensor:

@@ -25,3 +25,12 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale, logit_
         labels = 2 * torch.eye(n, device=logits.device, dtype=acc) - 1
         loss = -F.logsigmoid(labels * logits).sum() / n
     return loss.to(image_features.dtype)
+
+
+def zero_shot_logits(image_features: Tensor, classifier: Tensor, logit_scale, normalize: bool = True) -> Tensor:
+    """scale * normalize(image_features) @ classifier, float32 math, in the features' dtype."""
+    acc = torch.float64 if image_features.dtype == torch.float64 else torch.float32
+    f = image_features.to(acc)
+    if normalize:
+        f = F.normalize(f, dim=-1)
+    return (torch.as_tensor(logit_scale).to(acc) * f @ classifier.to(acc)).to(image_features.dtype)
