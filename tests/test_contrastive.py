@@ -254,3 +254,15 @@ def test_zero_shot_logits_top_k_and_bad_input():
         ops.zero_shot_logits(x, w, k=5)
     with pytest.raises(TypeError, match="classifier must be float16"):
         ops.zero_shot_logits(x, w.long())
+
+
+def test_clip_loss_modules_take_open_clips_call_shape():
+    from fastnets.nn import ClipLoss, SigLipLoss
+    a, b = _features(7, 12, torch.float32)
+    s, bias = torch.tensor(10.0, device=DEVICE), torch.tensor(-5.0, device=DEVICE)
+    with expect_backend("clip_loss"):
+        got = ClipLoss()(a, b, s)
+        got_sig = SigLipLoss()(a, b, s, bias)
+    assert_close(got, reference.contrastive.clip_loss(a.double(), b.double(), 10.0), torch.float32, "ClipLoss")
+    assert_close(got_sig, reference.contrastive.clip_loss(a.double(), b.double(), 10.0, -5.0, "sigmoid"),
+                 torch.float32, "SigLipLoss")

@@ -5,13 +5,13 @@ from .activation import FoldedReLU, fused_activation_name
 from .attention import MultiheadAttention
 from .batchnorm import BatchNorm2d, FoldedBatchNorm2d
 from .conv import Conv1d, Conv2d, ConvTranspose2d, FusedConv2d, conv_bn_act
-from .loss import CrossEntropyLoss
+from .loss import ClipLoss, CrossEntropyLoss, SigLipLoss
 from .norm import GroupNorm, LayerNorm, RMSNorm
 from .rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 from .pool import AdaptiveAvgPool2d, AdaptiveMaxPool2d, AvgPool2d, MaxPool2d
 from .transformer import TransformerDecoderLayer, TransformerEncoder, TransformerEncoderLayer
 
-__all__ = ["AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "AvgPool2d", "BatchNorm2d", "Conv1d", "Conv2d", "ConvTranspose2d",
+__all__ = ["AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "AvgPool2d", "BatchNorm2d", "ClipLoss", "Conv1d", "Conv2d", "ConvTranspose2d",
            "CrossEntropyLoss", "FoldedBatchNorm2d", "FoldedReLU", "FusedConv2d", "GRU", "GRUCell", "GroupNorm", "LSTM", "LSTMCell", "LayerNorm", "MaxPool2d",
-           "MultiheadAttention", "RMSNorm", "RNN", "RNNCell", "TransformerDecoderLayer", "TransformerEncoder", "TransformerEncoderLayer",
+           "MultiheadAttention", "RMSNorm", "RNN", "RNNCell", "SigLipLoss", "TransformerDecoderLayer", "TransformerEncoder", "TransformerEncoderLayer",
            "conv_bn_act", "fused_activation_name"]
