@@ -279,3 +279,53 @@ def test_fusion_model_from_clip_learns_a_fixed_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
+
+
+def _siglip_pair():
+    cfg = transformers.SiglipConfig(
+        text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=12, projection_size=32),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=16, patch_size=4))
+    torch.manual_seed(0)
+    hf = transformers.SiglipModel(cfg).to(DEVICE, torch.float64)
+    from fastnets.models import SiglipModel
+    ours = SiglipModel(cfg).to(DEVICE, torch.float64)
+    ours.load_state_dict(hf.state_dict())
+    return hf, ours
+
+
+def test_siglip_matches_hf_forward_and_every_gradient():
+    hf, ours = _siglip_pair()
+    assert set(ours.state_dict()) == set(hf.state_dict())
+    ids, mask, px = _batch(dtype=torch.float64)
+    with expect_backend("clip_loss"), expect_backend("scaled_dot_product_attention"), expect_backend("conv2d"):
+        a = ours(input_ids=ids, pixel_values=px, attention_mask=mask, return_loss=True)
+    b = hf(input_ids=ids, pixel_values=px, attention_mask=mask, return_loss=True)
+    for name in ("logits_per_image", "image_embeds", "text_embeds", "loss"):
+        assert_close(getattr(a, name), getattr(b, name), torch.float64, name, tol=MODEL_FLOAT64)
+    a.loss.backward()
+    b.loss.backward()
+    theirs = dict(hf.named_parameters())
+    scale = max(p.grad.abs().max().item() for p in hf.parameters())
+    for name, p in ours.named_parameters():
+        assert p.grad is not None, name
+        assert_close(p.grad, theirs[name].grad, torch.float64, f"grad {name}", min_scale=scale, tol=MODEL_FLOAT64)
+    v5 = int(transformers.__version__.split(".")[0]) >= 5
+    got, want = ours.get_image_features(px), hf.get_image_features(pixel_values=px)
+    assert type(got) is type(want)
+    assert_close(got.pooler_output if v5 else got, want.pooler_output if v5 else want, torch.float64,
+                 "siglip image features", tol=MODEL_FLOAT64)
+
+
+def test_swap_runs_hf_siglip_loss_on_the_tiled_kernel():
+    hf, _ = _siglip_pair()
+    ids, mask, px = _batch(dtype=torch.float64)
+    before = hf(input_ids=ids, pixel_values=px, attention_mask=mask, return_loss=True)
+    report = fastnets.swap(hf)
+    assert {"transformers.clip_mlp", "transformers.clip_loss"} <= {r[3] for r in report.replaced}
+    with expect_backend("clip_loss"):
+        after = hf(input_ids=ids, pixel_values=px, attention_mask=mask, return_loss=True)
+    assert_close(after.loss, before.loss, torch.float64, "swapped siglip loss", tol=MODEL_FLOAT64)
+    fastnets.unswap(hf)
+    assert type(hf) is transformers.SiglipModel

@@ -136,11 +136,15 @@ def _clip_mlp_forward(self, hidden_states: Tensor) -> Tensor:
 
 
 def _clip_model_forward(self, *args, return_loss=None, **kwargs):
-    """CLIPModel.forward with the contrastive loss on fastnets' tiled clip_loss (the same
-    symmetric cross-entropy on the same normalised embeddings and scale)."""
+    """CLIPModel / SiglipModel.forward with the contrastive loss on fastnets' tiled clip_loss
+    (the same loss on the same normalised embeddings, scale and, for SigLIP, bias)."""
     out = type(self).__bases__[0].forward(self, *args, return_loss=False, **kwargs)
     if return_loss:
-        out.loss = ops.clip_loss(out.image_embeds, out.text_embeds, self.logit_scale.exp())
+        if self._fastnets_sigmoid:
+            out.loss = ops.clip_loss(out.image_embeds, out.text_embeds, self.logit_scale.exp(), self.logit_bias,
+                                     kind="sigmoid")
+        else:
+            out.loss = ops.clip_loss(out.image_embeds, out.text_embeds, self.logit_scale.exp())
     return out
 
 
@@ -246,9 +250,10 @@ RULES = [
                lambda model, match: _reclass(model, match, _clip_mlp_forward, _fastnets_act=(
                    fused_activation_name(model.get_submodule(match.names[0]).activation_fn))),
                target="fused bias + quick-GELU / GELU"),
-    Rule("transformers.clip_loss", lambda model: _find(model, lambda m: type(m).__name__ == "CLIPModel"),
-               lambda model, match: _reclass(model, match, _clip_model_forward),
-               target="fastnets clip_loss (tiled, both directions)"),
+    Rule("transformers.clip_loss", lambda model: _find(model, lambda m: type(m).__name__ in ("CLIPModel", "SiglipModel")),
+               lambda model, match: _reclass(model, match, _clip_model_forward, _fastnets_sigmoid=(
+                   type(model.get_submodule(match.names[0])).__name__ == "SiglipModel")),
+               target="fastnets clip_loss (tiled; SigLIP's sigmoid for SiglipModel)"),
     Rule("transformers.loss", lambda model: [m for m in _top_models(model)
                                                     if _loss_kind(model.get_submodule(m.names[0]))],
                _loss_convert, _loss_revert, target="fastnets cross_entropy", changes_class=False),

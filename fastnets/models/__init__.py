@@ -12,6 +12,7 @@ from .bert import BertConfig, BertForMaskedLM, BertForSequenceClassification, Be
 from .gpt import GPT, GPTConfig, KVCache
 from .rnn import CharLM, CharLMConfig, CharVocab, SequenceClassifier, python_text
 from .resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50, resnet101
+from .siglip import SiglipConfig, SiglipModel
 from .simple_cnn import SimpleCNN
 from .t5 import T5Config, T5ForConditionalGeneration
 from .unet import UNet2D, UNet2DConfig, UNet2DOutput
@@ -20,6 +21,6 @@ from .vgg import VGG, vgg11, vgg11_bn, vgg16
 
 __all__ = ["AutoencoderKL", "AutoencoderKLConfig", "BasicBlock", "BertConfig", "BertForMaskedLM", "BertForSequenceClassification", "BertModel", "Bottleneck",
            "CLIPConfig", "CLIPModel", "CLIPTextConfig", "CLIPVisionConfig",
-           "CharLM", "CharLMConfig", "CharVocab", "DCGANDiscriminator", "DCGANGenerator", "DiagonalGaussian", "FusionConfig", "ImageTextFusionModel", "GPT", "GPTConfig", "KVCache", "ResNet", "SequenceClassifier", "SimpleCNN", "T5Config", "T5ForConditionalGeneration", "UNet2D",
+           "CharLM", "CharLMConfig", "CharVocab", "DCGANDiscriminator", "DCGANGenerator", "DiagonalGaussian", "FusionConfig", "ImageTextFusionModel", "GPT", "GPTConfig", "KVCache", "ResNet", "SequenceClassifier", "SiglipConfig", "SiglipModel", "SimpleCNN", "T5Config", "T5ForConditionalGeneration", "UNet2D",
            "UNet2DConfig", "UNet2DOutput", "VGG",
            "python_text", "resnet18", "resnet34", "resnet50", "resnet101", "transfer", "vgg11", "vgg11_bn", "vgg16", "zero_shot_logits"]

@@ -448,14 +448,14 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
 
 
 def patch_embed(pixel_values: Tensor, weight: Tensor, class_embedding: Optional[Tensor] = None,
-                position_embedding: Optional[Tensor] = None) -> Tensor:
+                position_embedding: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
     """A ViT's token embedding: non-overlapping patches through the convolution kernel
     (stride = kernel = patch), the positional embedding added in the kernel's epilogue
     (its residual input), then the class token (plus its position) in front.
 
     pixel_values (B, C, H, W); weight (E, C, p, p); class_embedding (E,) or None;
-    position_embedding (1 + H/p * W/p, E) with a class token, (H/p * W/p, E) without, or None.
-    Returns (B, [1 +] H/p * W/p, E), patches in row-major order (CLIP / ViT / timm's order).
+    position_embedding (1 + H/p * W/p, E) with a class token, (H/p * W/p, E) without, or None;
+    bias (E,): the convolution's bias (SigLIP's patch embedding has one, CLIP's not). Returns (B, [1 +] H/p * W/p, E), patches in row-major order (CLIP / ViT / timm's order).
     Differentiable in everything but the pixels' layout."""
     op = "patch_embed"
     _checks.tensor(op, "pixel_values", pixel_values)
@@ -480,7 +480,7 @@ def patch_embed(pixel_values: Tensor, weight: Tensor, class_embedding: Optional[
         # (E, gh, gw) broadcast over the batch: a stride-0 view, read by the epilogue.
         pos = position_embedding[n_cls:].to(dtype).t().reshape(1, E, gh, gw)
         residual = pos.expand(B, E, gh, gw)
-    tokens = conv2d(pixel_values, weight, stride=p, residual=residual).flatten(2).transpose(1, 2)
+    tokens = conv2d(pixel_values, weight, bias, stride=p, residual=residual).flatten(2).transpose(1, 2)
     if class_embedding is None:
         return tokens
     cls = class_embedding.to(tokens.dtype)
