@@ -105,5 +105,5 @@ def test_bench_contrastive_cases_run_and_check(tmp_path):
                           "clip", "--out", str(tmp_path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     rows = json.loads(next(tmp_path.glob("*.json")).read_text())["results"]
-    assert {r["op"] for r in rows} == {"clip_loss_softmax", "clip_loss_sigmoid", "zero_shot_logits"}
+    assert {r["op"] for r in rows} == {"clip_loss_softmax", "clip_loss_sigmoid", "zero_shot_logits", "patch_embed"}
     assert all(r["error"] is None for r in rows if r["impl"].startswith("fastnets"))

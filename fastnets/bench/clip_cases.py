@@ -11,8 +11,10 @@ contrastive:
   classes vs F.normalize and a matmul, eager and torch.compile (forward: inference).
 - clip_loss at batch 256k x 512 (not in --quick): fwd+bwd only. The unfused loss needs the
   256k x 256k logits (128 GiB in bf16), so its rows carry the out-of-memory error.
-clip (GPU with transformers):
-- A CLIP ViT-B/16 training step (224 x 224, batch 128; 64 quick; bf16 autocast; forward,
+clip:
+- patch_embed at ViT-B/16's shapes (batch 128, 224px, bf16) vs conv + flatten + class token +
+  positions in torch, eager and compiled; TFLOP/s of the patch GEMM.
+- (GPU with transformers) A CLIP ViT-B/16 training step (224 x 224, batch 128; 64 quick; bf16 autocast; forward,
   the contrastive loss and backward): fastnets.models.CLIPModel vs transformers' CLIPModel
   with the same weights (SDPA attention), eager and torch.compile. Size = images.
 """
@@ -114,14 +116,41 @@ def _vit_b16_config():
         projection_dim=512)
 
 
+def _patch_embed_case(device: torch.device) -> Case:
+    """ViT-B/16's token embedding (batch 128, 224px, bf16) vs conv + flatten + class token + positions in torch."""
+    cuda = device.type == "cuda"
+    B, H, p, E = (128, 224, 16, 768) if cuda else (2, 16, 4, 8)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    P = (H // p) ** 2
+
+    def inputs(dev):
+        g = torch.Generator(device=dev).manual_seed(3)
+        return (torch.randn(B, 3, H, H, device=dev, generator=g).to(dtype),
+                (0.02 * torch.randn(E, 3, p, p, device=dev, generator=g)).to(dtype).requires_grad_(),
+                torch.randn(E, device=dev, generator=g).to(dtype).requires_grad_(),
+                (0.02 * torch.randn(P + 1, E, device=dev, generator=g)).to(dtype).requires_grad_())
+
+    def ref(px, w, cls, pos):
+        tok = F.conv2d(px, w, stride=p).flatten(2).transpose(1, 2)
+        return torch.cat([cls.expand(px.shape[0], 1, -1), tok], 1) + pos
+
+    es = dtype_size(dtype)
+    io = (B * 3 * H * H + B * (P + 1) * E) * es
+    return Case("clip", "patch_embed", f"{B}x3x{H}x{H} p{p}", B, dtype, inputs,
+                {"fastnets": lambda *a: ops.patch_embed(*a), **peers(ref, device)}, io, io,
+                flops_fwd=2 * B * P * E * 3 * p * p, flops_bwd=2 * 2 * B * P * E * 3 * p * p, check_rel=2e-2)
+
+
 def clip_cases(device: torch.device, quick: bool) -> list[Case]:
-    """GPU only (a ViT-B/16 step takes minutes interpreted); needs transformers."""
+    """patch_embed everywhere; the ViT-B/16 training step on a GPU only (minutes interpreted),
+    with transformers."""
+    cases = [_patch_embed_case(device)]
     if device.type != "cuda":
-        return []
+        return cases
     try:
         import transformers
     except ImportError:
-        return []
+        return cases
     from ..models import CLIPModel
     B = 64 if quick else 128
     built: dict = {}
@@ -160,5 +189,5 @@ def clip_cases(device: torch.device, quick: bool) -> list[Case]:
         return fn
 
     impls = {"fastnets": step("fastnets"), "torch": step("torch"), "torch.compile": step("compiled")}
-    return [Case("clip", "clip_train_step", f"CLIP ViT-B/16 224px batch {B}", B, torch.bfloat16, inputs, impls, 0, 0,
+    return cases + [Case("clip", "clip_train_step", f"CLIP ViT-B/16 224px batch {B}", B, torch.bfloat16, inputs, impls, 0, 0,
                  modes=("fwd_bwd",), check_rel=0.05)]

@@ -21,6 +21,7 @@ same towers with SigLIP's sigmoid loss and a learned ``logit_bias`` (init scale 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional
 
@@ -153,6 +154,7 @@ class CLIPOutput:
     vision_model_output: Optional[BaseModelOutputWithPooling] = None
 
 
+@functools.lru_cache(maxsize=None)
 def _hf_outputs():
     """(pooled-output class, CLIP output class, features as output objects?) following the
     installed transformers: v5's get_*_features return an output with .pooler_output, older
@@ -164,6 +166,13 @@ def _hf_outputs():
     except ImportError:
         return BaseModelOutputWithPooling, CLIPOutput, False
     return Pooled, Out, int(transformers.__version__.split(".")[0]) >= 5
+
+
+def features_output(hidden: Tensor, features: Tensor):
+    """get_*_features' result as the installed transformers gives it: v5 an output with
+    .pooler_output = the features, older versions (and no transformers) the tensor."""
+    Pooled, _, as_output = _hf_outputs()
+    return Pooled(last_hidden_state=hidden, pooler_output=features) if as_output else features
 
 
 # --- the towers ---------------------------------------------------------------------------------
@@ -229,7 +238,9 @@ class CLIPEncoder(nn.Module):
 
 
 class CLIPTextEmbeddings(nn.Module):
-    def __init__(self, c: CLIPTextConfig):
+    """Token + position embeddings (CLIP's and SigLIP's text towers share them, names included)."""
+
+    def __init__(self, c):
         super().__init__()
         self.token_embedding = nn.Embedding(c.vocab_size, c.hidden_size)
         self.position_embedding = nn.Embedding(c.max_position_embeddings, c.hidden_size)
@@ -239,7 +250,7 @@ class CLIPTextEmbeddings(nn.Module):
     def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None) -> Tensor:
         S = input_ids.shape[-1]
         if S > self.position_embedding.num_embeddings:
-            raise ValueError(f"CLIP text: sequence length {S} exceeds max_position_embeddings "
+            raise ValueError(f"text: sequence length {S} exceeds max_position_embeddings "
                              f"{self.position_embedding.num_embeddings}")
         pos = position_ids if position_ids is not None else self.position_ids[:, :S]
         return self.token_embedding(input_ids) + self.position_embedding(pos)
@@ -371,15 +382,11 @@ class CLIPModel(nn.Module):
         """The projected text features: as the installed transformers returns them (v5: an
         output whose .pooler_output is the projection; older / none: the tensor)."""
         h, pooled = self.text_model(input_ids, attention_mask, position_ids)
-        Pooled, _, as_output = _hf_outputs()
-        feats = self.text_projection(pooled)
-        return Pooled(last_hidden_state=h, pooler_output=feats) if as_output else feats
+        return features_output(h, self.text_projection(pooled))
 
     def get_image_features(self, pixel_values: Tensor):
         h, pooled = self.vision_model(pixel_values)
-        Pooled, _, as_output = _hf_outputs()
-        feats = self.visual_projection(pooled)
-        return Pooled(last_hidden_state=h, pooler_output=feats) if as_output else feats
+        return features_output(h, self.visual_projection(pooled))
 
     def forward(self, input_ids: Optional[Tensor] = None, pixel_values: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .. import nn as fnn
 from .. import ops
-from .clip import CLIPEncoder, CLIPMLP, _hf_outputs
+from .clip import CLIPEncoder, CLIPMLP, CLIPTextEmbeddings, _hf_outputs, features_output
 
 
 @dataclasses.dataclass
@@ -110,21 +110,8 @@ class SiglipVisionEmbeddings(nn.Module):
                                bias=conv.bias)
 
 
-class SiglipTextEmbeddings(nn.Module):
-    def __init__(self, c: SiglipTextConfig):
-        super().__init__()
-        self.token_embedding = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.position_embedding = nn.Embedding(c.max_position_embeddings, c.hidden_size)
-        self.register_buffer("position_ids", torch.arange(c.max_position_embeddings).expand((1, -1)),
-                             persistent=False)
-
-    def forward(self, input_ids: Tensor, position_ids: Optional[Tensor] = None) -> Tensor:
-        S = input_ids.shape[-1]
-        if S > self.position_embedding.num_embeddings:
-            raise ValueError(f"SigLIP text: sequence length {S} exceeds max_position_embeddings "
-                             f"{self.position_embedding.num_embeddings}")
-        pos = position_ids if position_ids is not None else self.position_ids[:, :S]
-        return self.token_embedding(input_ids) + self.position_embedding(pos)
+# The text embeddings are CLIP's, parameter names included.
+SiglipTextEmbeddings = CLIPTextEmbeddings
 
 
 class SiglipTextModel(nn.Module):
@@ -216,14 +203,10 @@ class SiglipModel(nn.Module):
 
     def get_text_features(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                           position_ids: Optional[Tensor] = None):
-        h, pooled = self.text_model(input_ids, attention_mask, position_ids)
-        Pooled, _, as_output = _hf_outputs()
-        return Pooled(last_hidden_state=h, pooler_output=pooled) if as_output else pooled
+        return features_output(*self.text_model(input_ids, attention_mask, position_ids))
 
     def get_image_features(self, pixel_values: Tensor):
-        h, pooled = self.vision_model(pixel_values)
-        Pooled, _, as_output = _hf_outputs()
-        return Pooled(last_hidden_state=h, pooler_output=pooled) if as_output else pooled
+        return features_output(*self.vision_model(pixel_values))
 
     def forward(self, input_ids: Optional[Tensor] = None, pixel_values: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
