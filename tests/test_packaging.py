@@ -101,3 +101,68 @@ def test_install_with_cuda_torch_and_no_gpu_never_fails(tmp_path):
     assert "CUDA extension skipped (build failed: RuntimeError" in log, log[-4000:]
     wheel = next(tmp_path.glob("fastnets-*.whl"))
     assert not any(n.startswith("fastnets/_C") for n in zipfile.ZipFile(wheel).namelist())
+
+
+# --- the repository's kernels/ never shadows a top-level `kernels` (Hugging Face's, which
+# transformers and diffusers import) from any working directory, the repository root included.
+
+def _import_top_level_kernels(cwd, first_path_entry, pythonpath=None, isolated=True):
+    """`import kernels` in a fresh interpreter run in `cwd` with `first_path_entry` first on
+    sys.path ('' is what `python -c` puts there, the absolute root what `python -m` does).
+    isolated: -S, so no site-packages (no installed `kernels`, no fastnets) unless `pythonpath`
+    brings one. Prints the module's file and search path, or fails with the import error."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import kernels; "
+            "print(kernels.__file__); print(list(getattr(kernels, '__path__', [])))")
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    if pythonpath:
+        env["PYTHONPATH"] = str(pythonpath)
+    flags = ["-S"] if isolated else []
+    return subprocess.run([sys.executable, *flags, "-c", code, first_path_entry], cwd=cwd, env=env,
+                          capture_output=True, text=True)
+
+
+def _fake_hub_kernels(tmp_path):
+    """A stand-in for Hugging Face's `kernels`: a regular package with the names transformers
+    imports from it and a subpackage (diffusers / torch reach `kernels._internals`)."""
+    pkg = tmp_path / "site" / "kernels"
+    (pkg / "_internals").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("class CUDAProperties: pass\n")
+    (pkg / "_internals" / "__init__.py").write_text("")
+    return pkg.parent, pkg / "__init__.py"
+
+
+@pytest.mark.parametrize("first_entry", ["", str(ROOT)], ids=["python-c", "python-m"])
+def test_top_level_kernels_from_the_root_is_the_installed_package(tmp_path, first_entry):
+    site, init = _fake_hub_kernels(tmp_path)
+    out = _import_top_level_kernels(ROOT, first_entry, pythonpath=site)
+    assert out.returncode == 0, out.stderr[-3000:]
+    file, path = out.stdout.splitlines()
+    assert Path(file).resolve() == init.resolve(), f"`import kernels` from the repository root gave {file}"
+    assert str(ROOT) not in path, path
+    out = subprocess.run([sys.executable, "-S", "-c", "import kernels._internals; from kernels import CUDAProperties"],
+                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(site)), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("first_entry", ["", str(ROOT)], ids=["python-c", "python-m"])
+def test_top_level_kernels_from_the_root_without_one_installed_is_not_found(first_entry):
+    out = _import_top_level_kernels(ROOT, first_entry)
+    assert out.returncode != 0, f"`import kernels` from the repository root resolved to {out.stdout!r}"
+    assert "ModuleNotFoundError: No module named 'kernels'" in out.stderr, out.stderr[-3000:]
+
+
+def test_top_level_kernels_and_fastnets_kernels_side_by_side(tmp_path):
+    """In this test environment (Hugging Face's `kernels` installed or not): from the root,
+    `import kernels` resolves exactly as it does from an unrelated folder, and
+    fastnets.kernels still imports this repository's kernels in the same process."""
+    elsewhere = _import_top_level_kernels(tmp_path, "", isolated=False)
+    here = _import_top_level_kernels(ROOT, "", isolated=False)
+    assert (here.returncode, here.stdout) == (elsewhere.returncode, elsewhere.stdout), (here.stdout, here.stderr[-2000:])
+    out = subprocess.run([sys.executable, "-c", "import importlib.util, sys\n"
+                          "try:\n    import kernels\nexcept ModuleNotFoundError:\n    pass\n"
+                          "import fastnets.kernels.norm as norm\nprint(norm.__name__)\n"
+                          "assert 'kernels.norm' not in sys.modules"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "fastnets.kernels.norm"
