@@ -45,3 +45,12 @@ _hypothesis_settings.load_profile("fastnets")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(SEED)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fallback_warnings(monkeypatch):
+    """fastnets warns once per process about a fallback; every test starts as a fresh process
+    would, so a test that expects the warning sees it whichever tests ran before it on its
+    pytest-xdist worker."""
+    from fastnets import _dispatch
+    monkeypatch.setattr(_dispatch, "_warned", set())

@@ -74,10 +74,6 @@ def test_import_does_not_import_triton_or_touch_cuda():
 
 # --- no silent fallback ----------------------------------------------------------------------------
 
-def _fresh_warnings(monkeypatch):
-    monkeypatch.setattr(_dispatch, "_warned", set())
-
-
 @pytest.mark.parametrize("why, setup", [
     ("TRITON_INTERPRET=1", lambda mp: mp.setenv("TRITON_INTERPRET", "1")),
     ("triton is not installed", lambda mp: mp.setattr(_dispatch, "triton_available", lambda: False)),
@@ -86,7 +82,6 @@ def test_cuda_tensor_torch_fallbacks_warn_and_count(monkeypatch, why, setup):
     """A CUDA tensor that runs torch (no Triton, or the interpreter on) warns once, counts as
     a fallback and shows in backend_report(). The decision is made from the device type, so
     it is checked here without a GPU."""
-    _fresh_warnings(monkeypatch)
     setup(monkeypatch)
     cuda = torch.device("cuda")
     before = _dispatch.fallbacks.copy()
@@ -98,7 +93,6 @@ def test_cuda_tensor_torch_fallbacks_warn_and_count(monkeypatch, why, setup):
 
 
 def test_forced_torch_is_not_a_fallback(monkeypatch):
-    _fresh_warnings(monkeypatch)
     before = sum(_dispatch.fallbacks.values())
     with fastnets.backend("torch"), expect_backend("rms_norm", "torch"):
         ops.rms_norm(torch.randn(2, 8, device=DEVICE), (8,))
@@ -120,7 +114,6 @@ def test_empty_inputs_count_as_torch():
 
 def test_module_fallbacks_go_through_dispatch(monkeypatch):
     """nn.MultiheadAttention's need_weights=True runs torch: warned, counted, reported."""
-    _fresh_warnings(monkeypatch)
     mha = fastnets.nn.MultiheadAttention(8, 2).to(DEVICE)
     x = torch.randn(3, 2, 8, device=DEVICE)
     before = _dispatch.calls[("scaled_dot_product_attention", "torch")]

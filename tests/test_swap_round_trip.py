@@ -44,8 +44,10 @@ def check_round_trip(model: nn.Module, run, kernels: tuple, *, train_too: bool =
         assert not any(type(m).__module__.startswith("fastnets.") for m in plain.modules())
         with expect_backend("batch_norm"):
             got = run(fast)
-        assert_close(got, run(ref), torch.float32, "train-mode output after swap", tol=MODEL_TRAIN_FLOAT32)
-        run(plain)   # the unswapped deep copy runs as plain torch
+        # The unswapped deep copy runs as plain torch: its float32 error is the yardstick (batch
+        # statistics over few values amplify rounding, differently on every CPU).
+        assert_close(got, run(ref), torch.float32, "train-mode output after swap", baseline=run(plain),
+                     tol=MODEL_TRAIN_FLOAT32)
     undo = fastnets.unswap(model)
     assert {name for name, *_ in undo.replaced} >= {name for name, *_ in report.replaced}
     now = _snapshot(model)

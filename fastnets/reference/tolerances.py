@@ -21,13 +21,24 @@ class Tol:
     atol: float
     rtol: float
     bench_rel: float
+    # With a baseline (torch computing the same thing in the tested dtype, from the same inputs,
+    # on this machine), an element may also be off by `baseline` x torch's own error against the
+    # high-precision reference: per element (the flash-attention rule, for fp16 / bf16), or, with
+    # `baseline_tensorwide`, x torch's largest error over the whole tensor (whole models, where
+    # which elements carry the amplified rounding is chance: any two summation orders differ).
+    baseline: float = 0.0
+    baseline_tensorwide: bool = False
 
 
-# Whole models in float32 through training-mode BatchNorm (batch statistics over a few values
-# amplify every rounding layer after layer): judged against float64 with this fixed floor,
-# ~3x the worst error seen, rather than against torch's own float32 error, which moves with the
-# CPU's kernels. Not for single ops.
-MODEL_TRAIN_FLOAT32 = Tol(atol=2e-3, rtol=2e-3, bench_rel=5e-3)
+# Whole models in float32 through training-mode BatchNorm. Batch statistics over a few values
+# (layer4 of a ResNet at 32x32 input normalizes 1x1 maps over the batch of 2) amplify every
+# rounding layer after layer: torch's own float32 ResNet-18 gradients are off its float64 ones
+# by 0.2-0.9% of their scale here, and by more on other CPUs, whose kernels sum in other orders.
+# A fixed bound there tests the CPU, so these comparisons are judged against float64 with torch's
+# float32 model on the same inputs as the yardstick: an element may be off by the floor, or by
+# 3x the largest error torch makes on that tensor (ours has measured 0.3-1.3x torch's). Pass the
+# baseline wherever training-mode BatchNorm is on the path. Not for single ops.
+MODEL_TRAIN_FLOAT32 = Tol(atol=2e-3, rtol=2e-3, bench_rel=5e-3, baseline=3.0, baseline_tensorwide=True)
 
 # Whole transformer models in float64 against another library's float64 model: the flash
 # attention kernels take the softmax scale as a Triton float argument, which is 32-bit, so
@@ -37,6 +48,6 @@ MODEL_FLOAT64 = Tol(atol=1e-7, rtol=1e-6, bench_rel=1e-7)
 TOLERANCES = {
     torch.float64: Tol(atol=1e-9, rtol=1e-7, bench_rel=1e-9),
     torch.float32: Tol(atol=2e-5, rtol=2e-5, bench_rel=5e-3),
-    torch.float16: Tol(atol=1e-3, rtol=2e-3, bench_rel=1e-2),
-    torch.bfloat16: Tol(atol=1e-2, rtol=1.6e-2, bench_rel=4e-2),
+    torch.float16: Tol(atol=1e-3, rtol=2e-3, bench_rel=1e-2, baseline=2.0),
+    torch.bfloat16: Tol(atol=1e-2, rtol=1.6e-2, bench_rel=4e-2, baseline=2.0),
 }
