@@ -166,3 +166,18 @@ def test_top_level_kernels_and_fastnets_kernels_side_by_side(tmp_path):
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "fastnets.kernels.norm"
+
+
+def test_transformers_and_diffusers_import_from_the_root():
+    """The real clients: transformers (>= 5.25 imports Hugging Face's `kernels` as a hard
+    dependency) and diffusers (through its PEFT loader), imported with the repository root first
+    on sys.path, beside fastnets."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("diffusers")
+    code = ("import fastnets, transformers, transformers.modeling_utils, diffusers.loaders.peft\n"
+            "from transformers import GPT2Config, GPT2Model\n"
+            "GPT2Model(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11, n_positions=8, bos_token_id=0, eos_token_id=0))\n"
+            "import kernels, sys\n"
+            "assert not str(getattr(kernels, '__file__', '')).startswith(sys.argv[1]), kernels.__file__\n")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "kernels")], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
