@@ -303,7 +303,7 @@ def test_gradcheck_float64():
                                  fast_mode=True)
     torch.autograd.gradcheck(lambda q, k, v: ops.flash_attention(q, k, v, causal=True, window=(2, 0)), (q, k, v),
                              fast_mode=True)
-    # A bool mask in float64 runs as the equivalent additive 0 / -inf mask (kernels/attention.py
+    # A bool mask in float64 runs as the equivalent additive 0 / -inf mask (fastnets/kernels/attention.py
     # _mask_args), fully masked row included: the same values and gradients as the reference.
     keep = torch.rand(1, 1, 4, 4, device=DEVICE) > 0.4
     keep[0, 0, 1] = False

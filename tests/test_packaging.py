@@ -1,5 +1,6 @@
 """Install that never hurts: a plain wheel builds here without the CUDA extension and ships
-kernels/ as fastnets.kernels plus the csrc/ sources; csrc/ compiles with this machine's
+fastnets/kernels/ plus the csrc/ sources; nothing in the repository is importable as another
+package's top-level name (Hugging Face's `kernels`); csrc/ compiles with this machine's
 CUDA toolkit and host compiler."""
 import os
 import shutil
@@ -103,16 +104,24 @@ def test_install_with_cuda_torch_and_no_gpu_never_fails(tmp_path):
     assert not any(n.startswith("fastnets/_C") for n in zipfile.ZipFile(wheel).namelist())
 
 
-# --- the repository's kernels/ never shadows a top-level `kernels` (Hugging Face's, which
+# --- nothing in the repository shadows a top-level `kernels` (Hugging Face's, which
 # transformers and diffusers import) from any working directory, the repository root included.
+
+def test_no_top_level_folder_named_kernels():
+    """A top-level kernels/ is importable as `kernels` whenever the root is on sys.path: as a
+    regular package it shadows Hugging Face's, as a namespace portion it stands in for it when
+    that is not installed. The kernels live in fastnets/kernels/."""
+    assert not (ROOT / "kernels").exists()
+    assert (ROOT / "fastnets" / "kernels" / "__init__.py").is_file()
 
 def _import_top_level_kernels(cwd, first_path_entry, pythonpath=None, isolated=True):
     """`import kernels` in a fresh interpreter run in `cwd` with `first_path_entry` first on
     sys.path ('' is what `python -c` puts there, the absolute root what `python -m` does).
     isolated: -S, so no site-packages (no installed `kernels`, no fastnets) unless `pythonpath`
     brings one. Prints the module's file and search path, or fails with the import error."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import kernels; "
-            "print(kernels.__file__); print(list(getattr(kernels, '__path__', [])))")
+    code = ("import importlib.util, sys; sys.path.insert(0, sys.argv[1]); spec = importlib.util.find_spec('kernels'); "
+            "print('spec', spec and (spec.origin, list(spec.submodule_search_locations or [])), file=sys.stderr); "
+            "import kernels; print(kernels.__file__); print(list(getattr(kernels, '__path__', [])))")
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
     if pythonpath:
@@ -140,6 +149,7 @@ def test_top_level_kernels_from_the_root_is_the_installed_package(tmp_path, firs
     file, path = out.stdout.splitlines()
     assert Path(file).resolve() == init.resolve(), f"`import kernels` from the repository root gave {file}"
     assert str(ROOT) not in path, path
+    assert str(init) in out.stderr and str(ROOT) not in out.stderr, out.stderr   # find_spec finds it too
     out = subprocess.run([sys.executable, "-S", "-c", "import kernels._internals; from kernels import CUDAProperties"],
                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(site)), capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -149,6 +159,7 @@ def test_top_level_kernels_from_the_root_is_the_installed_package(tmp_path, firs
 def test_top_level_kernels_from_the_root_without_one_installed_is_not_found(first_entry):
     out = _import_top_level_kernels(ROOT, first_entry)
     assert out.returncode != 0, f"`import kernels` from the repository root resolved to {out.stdout!r}"
+    assert out.stderr.startswith("spec None\n"), out.stderr[-3000:]   # not even found
     assert "ModuleNotFoundError: No module named 'kernels'" in out.stderr, out.stderr[-3000:]
 
 
@@ -159,6 +170,7 @@ def test_top_level_kernels_and_fastnets_kernels_side_by_side(tmp_path):
     elsewhere = _import_top_level_kernels(tmp_path, "", isolated=False)
     here = _import_top_level_kernels(ROOT, "", isolated=False)
     assert (here.returncode, here.stdout) == (elsewhere.returncode, elsewhere.stdout), (here.stdout, here.stderr[-2000:])
+    assert here.stderr.splitlines()[0] == elsewhere.stderr.splitlines()[0], (here.stderr, elsewhere.stderr)   # find_spec
     out = subprocess.run([sys.executable, "-c", "import importlib.util, sys\n"
                           "try:\n    import kernels\nexcept ModuleNotFoundError:\n    pass\n"
                           "import fastnets.kernels.norm as norm\nprint(norm.__name__)\n"

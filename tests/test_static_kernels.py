@@ -32,7 +32,7 @@ def _head_dim(row: dict) -> int:
 
 # The only specializations allowed to spill: (kernel, dtype, predicate on the report row),
 # each bounded, with the reason. Everything else, fp64 and IEEE fp32 included, runs tiles
-# chosen (kernels/attention.py _TILES, kernels/conv.py) to fit in registers.
+# chosen (fastnets/kernels/attention.py _TILES, fastnets/kernels/conv.py) to fit in registers.
 SPILL_ALLOWLIST: list = [
     # float64 attention exists for gradcheck (tiny inputs, speed irrelevant). Above head dim
     # 128 its dots keep 256-wide float64 rows of q / dO and the accumulators at two registers
@@ -85,9 +85,9 @@ def triton36(tmp_path_factory):
 
 
 def _jit_kernels() -> set[str]:
-    """Every @triton.jit function named *_kernel in kernels/: what the launchers launch."""
+    """Every @triton.jit function named *_kernel in fastnets/kernels/: what the launchers launch."""
     names = set()
-    for path in (ROOT / "kernels").glob("*.py"):
+    for path in (ROOT / "fastnets" / "kernels").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.FunctionDef) and node.name.endswith("_kernel") and any(
                     "jit" in ast.unparse(d) for d in node.decorator_list):

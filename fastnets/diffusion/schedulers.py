@@ -9,7 +9,7 @@ begin_index, set_begin_index, scale_model_input, add_noise, step, from_config, c
 gives the same images from the same generator. What differs is how a step runs:
 
 * set_timesteps(device=...) computes, on the host in float64, every step's coefficients
-  (kernels/diffusion.py's affine form) into one device table, and allocates a device step
+  (fastnets/kernels/diffusion.py's affine form) into one device table, and allocates a device step
   index. step() then sets the index (a fill kernel, no copy from the host), draws the noise
   the diffusers step would draw (same generator, shape, dtype and order) and launches one
   kernel. No `.item()`, no `.nonzero()`, no indexing of a CPU table by a device timestep.

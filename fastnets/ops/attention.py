@@ -3,7 +3,7 @@
 batches, GQA/MQA, dropout, (B, S, H, D) layout).
 
 Memory is linear in sequence length: the forward saves only its output and a float32
-log-sum-exp per query row; the backward kernels (kernels/attention.py) recompute the
+log-sum-exp per query row; the backward kernels (fastnets/kernels/attention.py) recompute the
 probabilities block by block. Dropout draws a 64-bit seed from torch's generator on the
 query's device (so torch.manual_seed makes it reproducible) and the backward regenerates
 the same mask from it.

@@ -1,4 +1,4 @@
-"""clip_loss: CLIP's softmax and SigLIP's sigmoid contrastive losses, tiled (kernels/contrastive.py):
+"""clip_loss: CLIP's softmax and SigLIP's sigmoid contrastive losses, tiled (fastnets/kernels/contrastive.py):
 the batch x batch logits are never stored, forward or backward, in one process or across a
 torch.distributed group."""
 from __future__ import annotations

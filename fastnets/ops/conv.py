@@ -1,7 +1,7 @@
 """conv2d, conv1d and conv_transpose2d: torch.nn.functional's signatures, implicit-GEMM Triton
 kernels, and a fused epilogue ``act(conv(x) + bias + residual)``.
 
-One kernel set serves all three (kernels/conv.py):
+One kernel set serves all three (fastnets/kernels/conv.py):
 - conv2d:           forward = fwd kernel; backward dx = dgrad kernel, dw (+ dbias) = wgrad kernel.
 - conv_transpose2d: the adjoint of conv2d, so forward = dgrad kernel (with the bias and
   activation epilogue); backward dx = fwd kernel, dw = wgrad kernel with dy and x swapped.

@@ -2,7 +2,7 @@
 the sinusoidal timestep embedding. fastnets.diffusion's schedulers are built on these.
 
 sampler_step takes the step's coefficients from a device table and a device index, so a
-sampling loop never reads a scalar back to the host (see kernels/diffusion.py for the
+sampling loop never reads a scalar back to the host (see fastnets/kernels/diffusion.py for the
 form every sampler reduces to)."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _diffusion_kernels():
     return diffusion
 
 
-# The coefficient layout, owned here (kernels/diffusion.py holds the same tuple; a test keeps them equal).
+# The coefficient layout, owned here (fastnets/kernels/diffusion.py holds the same tuple; a test keeps them equal).
 COEFS = ("k_pre", "a_x", "a_m", "p", "q", "s", "r", "u", "lmin", "lmax")
 N_COEFS = len(COEFS)
 VARIANCES = ("none", "learned", "learned_range")

@@ -1,6 +1,6 @@
 """GAN losses (non-saturating, hinge, BCE with label smoothing, Wasserstein) in one fused
 kernel with the gradient written in the forward, and the R1 / R2 / WGAN-GP gradient
-penalties from the input gradient with the squared-norm reduction fused (kernels/gan.py)."""
+penalties from the input gradient with the squared-norm reduction fused (fastnets/kernels/gan.py)."""
 from __future__ import annotations
 
 import torch

@@ -2,7 +2,7 @@
 head's matmul fused with the loss, chunked over tokens so the (tokens, vocab) logits never
 exist in full).
 
-Both stream the vocabulary through kernels/loss.py in float32 whatever the input dtype.
+Both stream the vocabulary through fastnets/kernels/loss.py in float32 whatever the input dtype.
 linear_cross_entropy computes the gradients of the input, weight and bias during the
 forward pass (a chunk's logits are overwritten by their gradient, used for dx and dW, and
 freed), accumulating dW and dbias across chunks in float32; the backward only scales them

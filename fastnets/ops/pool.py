@@ -1,6 +1,6 @@
 """2-D pooling with torch.nn.functional's signatures: max_pool2d, avg_pool2d,
 adaptive_avg_pool2d, adaptive_max_pool2d. One forward and one backward kernel
-(kernels/pool.py) serve all four; the backward gathers through the saved argmax indices
+(fastnets/kernels/pool.py) serve all four; the backward gathers through the saved argmax indices
 (max) or recomputes each window's divisor (avg), deterministically."""
 from __future__ import annotations
 

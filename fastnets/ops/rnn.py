@@ -6,7 +6,7 @@ Per layer (both directions of a bidirectional layer together):
    sits inside the reset product), as one batched GEMM (cuBLAS); autograd of that GEMM
    gives dx, dW_ih and the bias gradients as one GEMM / reduction each over all steps;
 2. the recurrence, `fastnets::rnn_recurrence`: one fused Triton launch per step running
-   both directions (kernels/rnn.py), or one persistent CUDA launch per direction for the
+   both directions (fastnets/kernels/rnn.py), or one persistent CUDA launch per direction for the
    whole sequence where the shape fits (fastnets/ops/rnn_persistent.py); its backward
    `fastnets::rnn_recurrence_bwd` is one fused launch per step plus one GEMM for dW_hh (and
    dW_hr) per direction over all steps.

@@ -4,7 +4,7 @@ One launch runs a whole layer-direction: each CTA keeps its G*BJ rows of W_hh in
 memory across all steps and the CTAs meet at a grid barrier between steps. It wins where the
 per-step path is bound by launches and weight rereads: small batches. It writes exactly the
 buffers the per-step Triton path writes (hseq, cseq, saved activations), so the backward
-(kernels/rnn.py) is shared.
+(fastnets/kernels/rnn.py) is shared.
 
 One device source, three ways to run it, tried in this order:
 1. fastnets._C, prebuilt by setup.py or JIT-built with ninja on first use where nvcc exists

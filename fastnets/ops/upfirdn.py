@@ -4,7 +4,7 @@ downsample) and filtered_lrelu (bias, upsample, leaky ReLU * gain, clamp, downsa
 Conventions are StyleGAN2-ADA's / StyleGAN3's: up / down an int or (x, y); padding an int,
 (px, py) or (px0, px1, py0, py1), negative values crop; the filter is 1-D (separable, one
 pass per axis, each with gain ** 0.5) or 2-D, flipped unless flip_filter (true
-convolution). The kernel (kernels/upfirdn.py) takes the correlation filter the host builds
+convolution). The kernel (fastnets/kernels/upfirdn.py) takes the correlation filter the host builds
 from that once: a 1-D filter becomes its outer product, so one gather pass does both axes.
 
 Backward: upfirdn2d is linear, and its adjoint is another upfirdn2d (up and down swapped,

@@ -1,5 +1,5 @@
 """gaussian_sample_kl: a VAE's reparameterized sample and its KL to N(0, I) from the
-encoder's moments, one fused kernel forward and one backward (kernels/vae.py)."""
+encoder's moments, one fused kernel forward and one backward (fastnets/kernels/vae.py)."""
 from __future__ import annotations
 
 from typing import Optional

@@ -17,7 +17,7 @@ def sampler_step(sample: Tensor, model_output: Tensor, coef_row: Tensor, *, nois
                  history: Tensor | None = None, guidance_scale: float | None = None,
                  rescale: Tensor | None = None, clip_range: float | None = None, threshold: Tensor | None = None,
                  variance: str = "none", x0_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-    """The step of kernels/diffusion.py in torch ops (see COEFS there); coef_row: (N_COEFS,).
+    """The step of fastnets/kernels/diffusion.py in torch ops (see COEFS there); coef_row: (N_COEFS,).
     Returns (prev_sample, x0); history is replaced by x0 in place when given."""
     acc = _acc(sample)
     k_pre, a_x, a_m, p, q, s, r, u, lmin, lmax = coef_row.to(acc).unbind(0)

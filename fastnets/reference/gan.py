@@ -11,7 +11,7 @@ def _acc(x: Tensor) -> Tensor:
 
 
 def gan_loss_elementwise(x: Tensor, kind: str, real: bool, generator: bool, target: float) -> Tensor:
-    """Per-element loss (kernels/gan.py's table), differentiable to any order."""
+    """Per-element loss (fastnets/kernels/gan.py's table), differentiable to any order."""
     x = _acc(x)
     pos = real or generator
     if kind == "nonsaturating":
