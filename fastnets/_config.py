@@ -8,6 +8,8 @@ FASTNETS_CACHE_DIR  where the JIT-built extension, the tuner's choices and the s
                     report's compile results are cached (default ~/.cache/fastnets)
 FASTNETS_TRITON36_PATH  a folder holding Triton 3.6 (pip install --target), the Triton of the
                     lent GPU machines: the test suite compiles every kernel with it too
+FASTNETS_VISION_PATH  a folder holding torchvision and timm (pip install --target): the test
+                    session puts it on sys.path for the swap tests on their models
 """
 from __future__ import annotations
 
@@ -44,6 +46,10 @@ def build_extension_allowed() -> bool:
 
 def compat_triton_path() -> str | None:
     return os.environ.get("FASTNETS_TRITON36_PATH") or None
+
+
+def vision_path() -> str | None:
+    return os.environ.get("FASTNETS_VISION_PATH") or None
 
 
 def cache_dir() -> str:

@@ -16,11 +16,13 @@ Face set), never a second engine.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Callable, Iterable, Optional
 
+import torch
 from torch import nn
 
-from . import fusion
+from . import fusion, intercept, ops
 from . import nn as fnn
 
 _RECORDS = "_fastnets_swap"   # module.__dict__ key: the list of SwapRecord, oldest first
@@ -60,6 +62,13 @@ class Rule:
     changes_class: bool = True
     fusion: bool = False
     source: Optional[type] = None   # class rules: the torch class they convert
+    target_cls: Optional[type] = None   # class rules: the fastnets class they convert to
+    replaces_forward: bool = True   # False: the new forward still runs the old one (report only)
+    opt_in: Optional[str] = None    # a swap() keyword that must be True for the rule to run
+    # Report only: qualified names (besides match.names) whose work the match puts on
+    # fastnets kernels without changing them (the attention modules under a model whose
+    # attention implementation a rule set).
+    covers: Optional[Callable[[nn.Module, "Match"], Iterable[str]]] = None
 
 
 _PATCHED: dict = {}
@@ -95,7 +104,8 @@ def class_rule(torch_cls: type, fast_cls: type, note: str = "") -> Rule:
         model.get_submodule(match.names[0]).__class__ = fast_cls
         return {match.names[0]: {}}
 
-    return Rule(_qualname(torch_cls), find, convert, target=_qualname(fast_cls), note=note, source=torch_cls)
+    return Rule(_qualname(torch_cls), find, convert, target=_qualname(fast_cls), note=note, source=torch_cls,
+                target_cls=fast_cls)
 
 
 def _conv_bn_chains(model: nn.Module) -> list[Match]:
@@ -126,8 +136,159 @@ CONV_BN_RULE = Rule("fusion.conv_bn_relu", _conv_bn_chains, _fuse_conv_bn,
                     target="fastnets.nn.FusedConv2d + FoldedBatchNorm2d (+ FoldedReLU)",
                     note="eval mode: one conv with the BN folded in and the ReLU in its epilogue", fusion=True)
 
+def mixed_class(sub: type, fast_cls: type) -> type:
+    """`sub` (a subclass of torch's class that keeps its forward: torch's parametrized
+    modules, plain user subclasses) with fastnets' forward: a class deriving from both,
+    so `sub`'s properties (a parametrization's weight) and fastnets' methods both apply."""
+    key = (sub, fast_cls)
+    if key not in _PATCHED:
+        name = f"Fastnets{sub.__name__}_{len(_PATCHED)}"
+        cls = type(name, (sub, fast_cls), {"__module__": __name__, "__qualname__": name, "__doc__": fast_cls.__doc__})
+        globals()[name] = cls
+        _PATCHED[key] = cls
+    return _PATCHED[key]
+
+
+def _class_sources() -> dict:
+    return {rule.source: rule for rule in RULES if rule.source is not None}
+
+
+def _same_forward_subclasses(model: nn.Module) -> list[Match]:
+    """Modules whose class derives from a class some rule converts without overriding its
+    forward (torch's ParametrizedConv1d under weight norm; a subclass adding attributes)."""
+    sources = _class_sources()
+    out = []
+    for name, m in model.named_modules():
+        cls = type(m)
+        if cls in sources or cls.__module__.startswith("fastnets.") or _records(m):
+            continue
+        base = next((b for b in cls.__mro__[1:] if b in sources), None)
+        if base is not None and cls.forward is base.forward:
+            out.append(Match((name,), base))
+    return out
+
+
+def _convert_subclass(model: nn.Module, match: Match) -> dict:
+    m = model.get_submodule(match.names[0])
+    fast_cls = next(r.target_cls for r in RULES if r.source is match.info)
+    m.__class__ = mixed_class(type(m), fast_cls)
+    return {match.names[0]: {}}
+
+
+_EPS = ("eps", "variance_epsilon", "epsilon")
+
+
+def _norm_shaped(m: nn.Module) -> bool:
+    params = dict(m.named_parameters(recurse=False))
+    w = params.get("weight")
+    return (not list(m.children()) and not list(m.buffers(recurse=False)) and set(params) <= {"weight", "bias"}
+            and w is not None and w.dim() == 1 and w.is_floating_point()
+            and any(isinstance(getattr(m, e, None), float) for e in _EPS))
+
+
+def _probe_norm(m: nn.Module) -> Optional[tuple]:
+    """What a norm-shaped module computes, found by running it on a probe input: ("rms",
+    offset), ("layer",) over the last dim or ("layer2d",) over dim 1 (channels first), or
+    None. Behaviour, not class names: T5LayerNorm is an RMSNorm by another name, timm's and
+    torchvision's LayerNorm2d a LayerNorm over channels."""
+    eps = next(getattr(m, e) for e in _EPS if isinstance(getattr(m, e, None), float))
+    C = m.weight.shape[0]
+    bias = getattr(m, "bias", None)
+    gen = torch.Generator().manual_seed(0)
+    w, b = m.weight.detach().cpu().double(), None if bias is None else bias.detach().cpu().double()
+    candidates = []
+    x = torch.randn(2, 3, C, generator=gen, dtype=torch.float64)
+    rms = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    if b is None:
+        candidates += [(("rms", 0.0), x, rms * w), (("rms", 1.0), x, rms * (1.0 + w))]
+    ln = torch.nn.functional.layer_norm(x, (C,), w, b, eps)
+    candidates.append((("layer",), x, ln))
+    x2 = torch.randn(2, C, 3, 3, generator=gen, dtype=torch.float64)
+    ln2 = torch.nn.functional.layer_norm(x2.permute(0, 2, 3, 1), (C,), w, b, eps).permute(0, 3, 1, 2)
+    candidates.append((("layer2d",), x2, ln2))
+    device, dtype = m.weight.device, m.weight.dtype
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+    for kind, probe, want in candidates:
+        try:
+            with torch.no_grad():
+                got = m(probe.to(device, dtype))
+        except Exception:   # the module does not take this shape: not this kind
+            continue
+        if (isinstance(got, torch.Tensor) and got.shape == want.shape
+                and torch.allclose(got.double().cpu(), want, rtol=tol, atol=tol)):
+            return kind
+    return None
+
+
+def _norms_by_behaviour(model: nn.Module) -> list[Match]:
+    out = []
+    for name, m in model.named_modules():
+        if type(m).__module__.startswith("fastnets.") or _records(m) or type(m) in _class_sources():
+            continue
+        if _norm_shaped(m):
+            kind = _probe_norm(m)
+            if kind is not None:
+                out.append(Match((name,), kind))
+    return out
+
+
+def _norm_forward(self, hidden_states, *args, **kwargs):
+    """A norm found by its behaviour (fastnets.swap._probe_norm), on fastnets' norm kernels."""
+    kind = self._fastnets_norm
+    eps = next(getattr(self, e) for e in _EPS if isinstance(getattr(self, e, None), float))
+    C = self.weight.shape[0]
+    if kind[0] == "rms":
+        return ops.rms_norm(hidden_states, (C,), self.weight, eps, offset=kind[1])
+    bias = getattr(self, "bias", None)
+    if kind[0] == "layer":
+        return ops.layer_norm(hidden_states, (C,), self.weight, bias, eps)
+    # channels first: normalise the channel dim of a channels_last view (no copy for
+    # channels_last activations; the kernels take the strided rows otherwise)
+    return ops.layer_norm(hidden_states.permute(0, 2, 3, 1), (C,), self.weight, bias, eps).permute(0, 3, 1, 2)
+
+
+def _convert_norm(model: nn.Module, match: Match) -> dict:
+    m = model.get_submodule(match.names[0])
+    m.__class__ = patched_class(type(m), _norm_forward, sys.modules[__name__], _fastnets_norm=match.info)
+    return {match.names[0]: {}}
+
+
+def _bn_act_forward(self, x):
+    """timm's BatchNormAct2d (BN, then its drop and act) as one fastnets batch_norm pass with
+    the activation fused."""
+    return fnn.BatchNorm2d.forward(self, x, activation=self._fastnets_act)
+
+
+def _bn_act_modules(model: nn.Module) -> list[Match]:
+    return [Match((name,), fnn.fused_activation_name(m.act)) for name, m in model.named_modules()
+            if type(m).__name__ == "BatchNormAct2d" and isinstance(m, nn.BatchNorm2d)
+            and isinstance(getattr(m, "drop", None), nn.Identity)
+            and fnn.fused_activation_name(getattr(m, "act", None)) in ops.batchnorm.ACTIVATIONS]
+
+
+def _convert_bn_act(model: nn.Module, match: Match) -> dict:
+    m = model.get_submodule(match.names[0])
+    m.__class__ = patched_class(type(m), _bn_act_forward, sys.modules[__name__], _fastnets_act=match.info,
+                                negative_slope=getattr(m.act, "negative_slope", 0.01))
+    return {match.names[0]: {}}
+
+
+def _functional_root(model: nn.Module) -> list[Match]:
+    return [Match(("",))]
+
+
+def _install_functional(model: nn.Module, match: Match) -> dict:
+    return {"": intercept.install(model)}
+
+
 RULES: list[Rule] = [
     CONV_BN_RULE,
+    class_rule(nn.ReLU, fnn.ReLU),
+    class_rule(nn.LeakyReLU, fnn.LeakyReLU),
+    class_rule(nn.GELU, fnn.GELU),
+    class_rule(nn.SiLU, fnn.SiLU),
+    class_rule(nn.Tanh, fnn.Tanh),
+    class_rule(nn.Sigmoid, fnn.Sigmoid),
     class_rule(nn.LayerNorm, fnn.LayerNorm),
     class_rule(nn.GroupNorm, fnn.GroupNorm),
     class_rule(nn.RMSNorm, fnn.RMSNorm),
@@ -152,13 +313,32 @@ RULES: list[Rule] = [
     class_rule(nn.LSTMCell, fnn.LSTMCell),
     class_rule(nn.GRUCell, fnn.GRUCell),
     class_rule(nn.RNNCell, fnn.RNNCell),
+    Rule("torch.subclass", _same_forward_subclasses, _convert_subclass,
+         target="the fastnets module of its torch base class",
+         note="a subclass that keeps its base's forward (weight norm's parametrized conv, ...)"),
+    Rule("bn_act", _bn_act_modules, _convert_bn_act, target="fastnets batch_norm with the activation fused"),
+    Rule("norm.by_behaviour", _norms_by_behaviour, _convert_norm, target="fastnets rms_norm / layer_norm",
+         note="a norm recognised by what it computes on a probe input (RMSNorm, LayerNorm, channels-first "
+              "LayerNorm2d)"),
+    Rule("functional", _functional_root, _install_functional, lambda m, saved: intercept.uninstall(m, saved),
+         target="FunctionalMode around the forward (inline F.* calls on fastnets ops)", changes_class=False,
+         opt_in="functional",
+         note="inline calls of F.scaled_dot_product_attention, F.cross_entropy, F.layer_norm, F.group_norm, "
+              "F.batch_norm, F.conv2d, pools and activations run on fastnets ops"),
 ]
 
 
+# The last rules of the table: they match by structure or behaviour what no named rule did, so
+# the libraries' own rules (registered later) come before them.
+_FALLBACK_RULES = ("torch.subclass", "bn_act", "norm.by_behaviour", "functional")
+
+
 def register_rule(rule: Rule, *, before: Optional[str] = None) -> None:
-    """Add a rule (replacing one of the same name), before the rule named `before` or last."""
+    """Add a rule (replacing one of the same name), before the rule named `before`, or
+    else before the fallback rules (matching by structure or behaviour) at the table's end."""
     RULES[:] = [r for r in RULES if r.name != rule.name]
-    at = next((i for i, r in enumerate(RULES) if r.name == before), len(RULES)) if before else len(RULES)
+    anchor = before or _FALLBACK_RULES[0]
+    at = next((i for i, r in enumerate(RULES) if r.name == anchor), len(RULES))
     RULES.insert(at, rule)
 
 
@@ -178,6 +358,10 @@ class SwapReport:
     skipped: list = dataclasses.field(default_factory=list)   # (qualified name, class, reason)
     fused: list = dataclasses.field(default_factory=list)     # (conv, bn, relu or None): one kernel in eval
     notes: list = dataclasses.field(default_factory=list)     # (qualified name, rule, note)
+    # (qualified name, class, category, why): work in a category fastnets has kernels for
+    # (convolution, attention, norm, pooling, recurrent, activation, loss) left on torch
+    uncovered: list = dataclasses.field(default_factory=list)
+    covered: set = dataclasses.field(default_factory=set)     # names covered without a change (rule.covers)
 
     def __str__(self) -> str:
         lines = [f"replaced {len(self.replaced)} module(s), left {len(self.skipped)}"]
@@ -185,6 +369,10 @@ class SwapReport:
         lines += [f"  left    {name or '<root>'} ({cls}): {why}" for name, cls, why in self.skipped]
         lines += [f"  fused   {c} -> {b}" + (f" -> {r}" if r else "") + " (eval mode)" for c, b, r in self.fused]
         lines += [f"  note    {name or '<root>'} [{rule}]: {note}" for name, rule, note in self.notes]
+        if self.uncovered:
+            lines.append(f"uncovered: {len(self.uncovered)} module(s) whose work stays on torch")
+            lines += [f"  torch   {name or '<root>'} ({cls}, {category}): {why}"
+                      for name, cls, category, why in self.uncovered]
         return "\n".join(lines)
 
 
@@ -211,7 +399,8 @@ def _records(module: nn.Module) -> list:
     return module.__dict__.get(_RECORDS, [])
 
 
-def swap(model: nn.Module, *, include=None, exclude=None, fuse: bool = True) -> SwapReport:
+def swap(model: nn.Module, *, include=None, exclude=None, fuse: bool = True, functional: bool = False,
+         strict: bool = False) -> SwapReport:
     """Put fastnets modules into `model`, in place, by the rules in RULES.
 
     include / exclude: module classes (``nn.GroupNorm``), class names (``"GroupNorm"``),
@@ -225,12 +414,22 @@ def swap(model: nn.Module, *, include=None, exclude=None, fuse: bool = True) -> 
     with the BN folded in, in eval mode; training mode is unaffected). Listed in `fused`.
     A Hugging Face transformers model also gets the transformers rules (attention
     implementation, norms, MLPs, loss): see fastnets.integrations.transformers.
+
+    functional: also run the model's forward inside fastnets.intercept.FunctionalMode, so
+    work done by inline calls (F.scaled_dot_product_attention in timm's Attention, the
+    CrossEntropyLoss T5 and Whisper build inside forward, F.gelu in diffusers' GEGLU) runs on
+    fastnets ops too. Off by default: the mode sees every torch call of the forward, a few
+    microseconds of Python each.
+
+    strict: raise ValueError when the report lists uncovered modules (work in a category
+    fastnets has kernels for that stays on torch), after undoing the swap.
     """
     for sel in list(include or ()) + list(exclude or ()):
         _matches(sel, "", model, RULES[0])   # validates the selector types up front
     report = SwapReport(model)
+    options = {"functional": functional}
     for rule in RULES:
-        if rule.fusion and not fuse:
+        if (rule.fusion and not fuse) or (rule.opt_in is not None and not options.get(rule.opt_in)):
             continue
         for match in rule.find(model):
             modules = [model.get_submodule(n) for n in match.names]
@@ -252,8 +451,84 @@ def swap(model: nn.Module, *, include=None, exclude=None, fuse: bool = True) -> 
                 report.fused.append(tuple(match.names[:2]) + ((match.info[1] if match.info else None),))
             if rule.note:
                 report.notes.append((match.names[0], rule.name, rule.note))
+            if rule.covers is not None:
+                report.covered.update(rule.covers(model, match))
     _list_subclasses(model, report)
+    _list_uncovered(model, report, functional)
+    if strict and report.uncovered:
+        unswap(model)
+        raise ValueError("swap(strict=True): work fastnets has kernels for would stay on torch in:\n" + "\n".join(
+            f"  {name or '<root>'} ({cls}, {category}): {why}" for name, cls, category, why in report.uncovered))
     return report
+
+
+# Work categories fastnets has kernels for, by torch base class and, for other libraries'
+# modules, by class name. A module of such a class that no rule converted is "uncovered".
+_CATEGORY_BASES = (
+    (nn.modules.conv._ConvNd, "convolution"),
+    (nn.modules.batchnorm._NormBase, "norm"), (nn.LayerNorm, "norm"), (nn.GroupNorm, "norm"), (nn.RMSNorm, "norm"),
+    (nn.modules.pooling._MaxPoolNd, "pooling"), (nn.modules.pooling._AvgPoolNd, "pooling"),
+    (nn.modules.pooling._AdaptiveAvgPoolNd, "pooling"), (nn.modules.pooling._AdaptiveMaxPoolNd, "pooling"),
+    (nn.modules.rnn.RNNBase, "recurrent"), (nn.modules.rnn.RNNCellBase, "recurrent"),
+    (nn.MultiheadAttention, "attention"), (nn.modules.loss._Loss, "loss"),
+    (nn.ReLU, "activation"), (nn.ReLU6, "activation"), (nn.LeakyReLU, "activation"), (nn.GELU, "activation"),
+    (nn.SiLU, "activation"), (nn.Tanh, "activation"), (nn.Sigmoid, "activation"), (nn.Hardswish, "activation"),
+    (nn.Hardsigmoid, "activation"), (nn.Mish, "activation"), (nn.ELU, "activation"), (nn.Softmax, "attention"),
+)
+_CATEGORY_NAMES = (("Attention", "attention"), ("RMSNorm", "norm"), ("LayerNorm", "norm"), ("GroupNorm", "norm"),
+                   ("BatchNorm", "norm"), ("Norm", "norm"), ("Activation", "activation"), ("GELU", "activation"),
+                   ("SiLU", "activation"), ("Swish", "activation"), ("ReLU", "activation"), ("Conv", "convolution"),
+                   ("Pool", "pooling"), ("LSTM", "recurrent"), ("GRU", "recurrent"), ("Loss", "loss"))
+# Categories with no fastnets kernel for that exact function: said in the report's reason.
+_NO_KERNEL = {nn.ReLU6: "ReLU6 (clamped)", nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid",
+              nn.Mish: "mish", nn.ELU: "elu", nn.Softmax: "a standalone softmax"}
+
+
+def _category(module: nn.Module) -> Optional[str]:
+    for base, category in _CATEGORY_BASES:
+        if isinstance(module, base):
+            return category
+    name = type(module).__name__
+    return next((category for key, category in _CATEGORY_NAMES if key in name), None)
+
+
+def _list_uncovered(model: nn.Module, report: "SwapReport", functional: bool) -> None:
+    """Every module whose work falls in a category fastnets has kernels for, left on torch:
+    not converted, not a fastnets module, not under a converted module (whose forward no
+    longer calls it) and not covered otherwise (an attention implementation a rule set)."""
+    done = {name for name, m in model.named_modules() if _records(m) or type(m).__module__.startswith("fastnets.")}
+    # A module whose forward a rule replaced may no longer call its children (GPT-2's MLP
+    # never calls its `act`): what it still calls is converted or listed on its own.
+    rewritten = [name for name, m in model.named_modules()
+                 if any(_rule_replaces_forward(r) for r in _records(m)) and list(m.children())]
+    skipped = {name: why for name, _, why in report.skipped}
+    for name, module in model.named_modules():
+        if name in done or name in report.covered or any(d == "" or name.startswith(d + ".") for d in rewritten):
+            continue
+        category = _category(module)
+        if category is None:
+            continue
+        if list(module.children()) and any(_category(c) for c in module.modules() if c is not module):
+            continue   # a container: its children are listed themselves
+        why = skipped.get(name)
+        if why is None:
+            cls = type(module)
+            kernel = next((what for base, what in _NO_KERNEL.items() if isinstance(module, base)), None)
+            if kernel is not None:
+                why = f"fastnets has no {kernel} kernel"
+            elif not functional and not list(module.children()):
+                why = "no swap rule matches this class (if its forward calls F.* inline, swap(functional=True) covers it)"
+            else:
+                why = "no swap rule matches this class"
+        report.uncovered.append((name, type(module).__name__, category, why))
+
+
+def _rule_replaces_forward(record: SwapRecord) -> bool:
+    try:
+        rule = _rule(record.rule)
+    except KeyError:
+        return False
+    return rule.changes_class and rule.replaces_forward
 
 
 def _rule_changes_class(record: SwapRecord) -> bool:

@@ -41,3 +41,17 @@ if [ "$(uname -s)" = Linux ] && [ ! -f "$TRITON36/triton/__init__.py" ]; then
   python -m pip install -q --no-deps --target "$TRITON36" "triton==3.6.0"
 fi
 [ -f "$TRITON36/triton/__init__.py" ] && export FASTNETS_TRITON36_PATH="$(cd "$TRITON36" && pwd)"
+# torchvision and timm, for the swap tests on their models, in a folder of their own that only
+# the test session puts on sys.path (tests/conftest.py): PyPI's torchvision links its C
+# extension against CUDA torch, and installed beside the CPU build in the venv it would make
+# every `import transformers` fail (transformers imports torchvision when it finds one). Their
+# pins are the two lines of constraints.txt (--no-deps: torch and the rest come from the venv).
+VISION="$VENV/vision"
+VISION_PINS=$(grep -i -E '^(torchvision|timm)==' "$FASTNETS_ROOT/constraints.txt" | tr '\n' ' ')
+if [ ! -f "$VISION/.pins" ] || [ "$(cat "$VISION/.pins")" != "$VISION_PINS" ]; then
+  rm -rf "$VISION"
+  # shellcheck disable=SC2086
+  python -m pip install -q --no-deps --target "$VISION" $VISION_PINS
+  echo "$VISION_PINS" > "$VISION/.pins"
+fi
+export FASTNETS_VISION_PATH="$(cd "$VISION" && pwd)"

@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 export FASTNETS_VENV="${FASTNETS_PIN_VENV:-${TMPDIR:-/tmp}/fastnets-newest-venv}"
 rm -rf "$FASTNETS_VENV"
 FASTNETS_NEWEST=1 bash scripts/test.sh "$@"
+vision=$(grep -i -E '^(torchvision|timm)==' constraints.txt)
 frozen=$("$FASTNETS_VENV/bin/python" -m pip freeze --all --exclude-editable \
   | grep -v -i -E '^(pip|torch|fastnets|nvidia-[a-z0-9-]*|cuda-[a-z0-9-]*)==' | grep -v '^#')
 {
@@ -24,6 +25,9 @@ frozen=$("$FASTNETS_VENV/bin/python" -m pip freeze --all --exclude-editable \
 HEADER
   echo "# Pinned: $(date -u +%Y-%m-%d), Python $("$FASTNETS_VENV/bin/python" -c 'import platform; print(platform.python_version())'), torch $("$FASTNETS_VENV/bin/python" -c 'import torch; print(torch.__version__)')"
   echo "$frozen"
+  # torchvision and timm live in their own folder (scripts/env.sh), tied to the torch build:
+  # their pins carry over
+  echo "$vision"
   # the build backend the editable install's isolated build fetches (not in the env itself)
   grep -q -i '^wheel==' <<<"$frozen" || echo "wheel==$(python3 -m pip index versions wheel 2>/dev/null | sed -n 's/^wheel (\(.*\))$/\1/p')"
 } > constraints.txt

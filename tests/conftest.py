@@ -13,12 +13,48 @@ os.environ["FASTNETS_POISON"] = "1"
 
 import pytest  # noqa: E402
 
+
+def _let_torchvision_import_beside_a_cpu_torch():
+    """torchvision and timm come from their own folder (scripts/env.sh: FASTNETS_VISION_PATH),
+    on sys.path in the test session only. PyPI's torchvision wheels link their C extension against CUDA torch. Beside the CPU build
+    the test environment installs, that extension (nms, roi_align, deform_conv2d: none of which
+    fastnets or its tests use) cannot load, and `import torchvision` then fails registering a
+    fake kernel for the undeclared op torchvision::nms. Declaring the two schemas it registers
+    unconditionally lets the pure-Python models import; with a loadable extension nothing is
+    declared here."""
+    import glob
+    import importlib.util
+    import sys
+    from fastnets import _config
+    folder = _config.vision_path() or os.path.join(sys.prefix, "vision")
+    if os.path.isdir(folder) and folder not in sys.path:
+        sys.path.append(folder)
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for so in glob.glob(os.path.join(spec.submodule_search_locations[0], "_C*.so")):
+        try:
+            torch.ops.load_library(so)
+            return None
+        except OSError:
+            pass
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    return lib
+
+
+_TORCHVISION_SCHEMAS = _let_torchvision_import_beside_a_cpu_torch()
+
 HAS_CUDA = torch.cuda.is_available()
 # float32 is tested as IEEE float32 against the tolerance table on a GPU too: torch's default
 # lets cuDNN (and so fastnets' convolutions and recurrent cells, which follow the same flag)
 # run float32 on TF32 tensor cores, whose 10-bit mantissa the float32 tolerances do not cover.
-# The TF32 variants are compiled and gated by the static kernel report.
-torch.backends.cudnn.allow_tf32 = False
+# The TF32 variants are compiled and gated by the static kernel report. On the CPU the flag
+# keeps torch's default (True): CPU tensors never take TF32, in torch or in fastnets, and the
+# suite runs as a CPU user's code would.
+if HAS_CUDA:
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def pytest_collection_modifyitems(config, items):

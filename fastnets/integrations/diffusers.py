@@ -3,7 +3,7 @@
     fastnets.swap(unet)     # GroupNorm, Conv2d (class rules) and every Attention on fastnets
     fastnets.unswap(unet)   # and back, exactly
 
-Three rules here:
+Four rules here:
 - "diffusers.attention" sets `FastnetsAttnProcessor` on diffusers' `Attention` modules whose
   processor is the standard one (AttnProcessor2_0 / AttnProcessor): the same computation
   with the score matrix never formed (flash kernels). Other processors (IP-adapter, LoRA,
@@ -11,6 +11,8 @@ Three rules here:
 - "diffusers.resnet" gives `ResnetBlock2D` (SiLU, default time conditioning, no resampling
   inside the block) a forward whose two GroupNorm -> SiLU pairs are one fused kernel each:
   two fewer full read+write passes per block.
+- "diffusers.geglu" runs `GEGLU` (the feed-forward of every `BasicTransformerBlock`) as one
+  GEMM and one fused gelu(gate) * hidden pass.
 - "diffusers.timesteps" runs the `Timesteps` module (the sinusoidal embedding every UNet's
   `time_proj` is) as one kernel (fastnets.ops.timestep_embedding).
 diffusers is optional: nothing here imports it.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -92,6 +95,22 @@ def _timesteps_forward(self, timesteps: Tensor) -> Tensor:
                                   self.scale)
 
 
+def _geglu_forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+    """diffusers' GEGLU (proj -> [hidden | gate] -> hidden * gelu(gate)) as one GEMM and one
+    fused pass. fastnets' geglu takes [gate | up], so the projection's two halves are swapped
+    in the GEMM's weight (rebuilt per call: the gradients reach the one proj weight)."""
+    w, b = self.proj.weight, self.proj.bias
+    half = w.shape[0] // 2
+    w = torch.cat((w[half:], w[:half]), 0)
+    b = torch.cat((b[half:], b[:half]), 0) if b is not None else None
+    return ops.bias_act(F.linear(hidden_states, w), b, "geglu")
+
+
+def _is_geglu(m: nn.Module) -> bool:
+    return (type(m).__name__ == "GEGLU" and _from_diffusers(m) and isinstance(getattr(m, "proj", None), nn.Linear)
+            and type(m).gelu.__qualname__ == "GEGLU.gelu")
+
+
 def _from_diffusers(m: nn.Module) -> bool:
     return type(m).__module__.startswith("diffusers.")
 
@@ -134,6 +153,8 @@ RULES = [
          lambda model, match: _reclass(model, match, _timesteps_forward), target="fastnets timestep_embedding"),
     Rule("diffusers.resnet", lambda model: [Match((n,)) for n, m in model.named_modules() if _is_plain_resnet(m)],
          lambda model, match: _reclass(model, match, _resnet_forward), target="fused GroupNorm+SiLU ResnetBlock2D forward"),
+    Rule("diffusers.geglu", lambda model: [Match((n,)) for n, m in model.named_modules() if _is_geglu(m)],
+         lambda model, match: _reclass(model, match, _geglu_forward), target="one GEMM + fused GeGLU"),
     Rule("diffusers.attention", _find, _convert, _revert, target="FastnetsAttnProcessor (flash kernels)",
          changes_class=False, note="diffusers Attention with the standard processor"),
 ]

@@ -55,16 +55,20 @@ def fastnets_attention_forward(module: nn.Module, query: Tensor, key: Tensor, va
     mask = attention_mask
     if mask is not None and mask.shape[-1] != key.shape[-2]:
         mask = mask[..., :key.shape[-2]]
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    # As transformers' SDPA path: causality from the flag only when the model built no mask
+    # (its mask function returns None for a purely causal pattern) and this is not a single
+    # decoding query; top-left alignment (keys past Sq are empty static-cache slots). This is
+    # decided from the model's mask alone, before a position bias (T5's relative bias, MPT's
+    # ALiBi) is merged in: the bias adds to the scores, it never stands in for the mask, and
+    # the kernel takes the causal flag and the additive bias together.
+    causal = "top_left" if (attention_mask is None and is_causal and query.shape[2] > 1) else False
     if position_bias is not None:
         bias = position_bias[..., :key.shape[-2]]
         if mask is not None and mask.dtype == torch.bool:
             mask = bias.masked_fill(~mask, float("-inf"))
         else:
             mask = bias if mask is None else bias + mask
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    # As transformers' SDPA path: the causal flag only when no mask was built and this is not
-    # a single decoding query; top-left alignment (keys past Sq are empty static-cache slots).
-    causal = "top_left" if (mask is None and is_causal and query.shape[2] > 1) else False
     out = ops.flash_attention(query, key, value, causal=causal, scale=scaling, attn_mask=mask,
                               dropout_p=dropout)
     return out.transpose(1, 2), None
@@ -151,6 +155,16 @@ def _clip_model_forward(self, *args, return_loss=None, **kwargs):
 _GATED = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}
 
 
+def _activation_forward(self, input: Tensor) -> Tensor:
+    """A transformers activation class (GELUActivation, NewGELUActivation, QuickGELUActivation,
+    ...) on fastnets' activation kernel."""
+    return ops.bias_act(input, None, self._fastnets_act)
+
+
+def _is_activation(m: nn.Module) -> bool:
+    return not list(m.children()) and fused_activation_name(m) not in (None, "identity")
+
+
 def _find(model: nn.Module, pred) -> list:
     return [Match((name,)) for name, m in model.named_modules() if _from_transformers(m) and pred(m)]
 
@@ -181,6 +195,16 @@ def _top_models(model: nn.Module) -> list:
     return [Match((n,)) for n in out]
 
 
+def _attention_modules(model: nn.Module, match) -> list:
+    """The attention modules under a model whose attention implementation is now fastnets'
+    (they call transformers' attention-function registry)."""
+    top = match.names[0]
+    root = model.get_submodule(top)
+    prefix = f"{top}." if top else ""
+    return [prefix + name for name, m in root.named_modules()
+            if _from_transformers(m) and "Attention" in type(m).__name__]
+
+
 def _set_attention(model: nn.Module, impl) -> None:
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(impl)
@@ -204,13 +228,18 @@ def _loss_kind(m: nn.Module) -> Optional[str]:
     cls = type(m).__name__
     if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"):
         return "causal"
-    return "masked" if cls.endswith("ForMaskedLM") else None
+    if cls.endswith("ForMaskedLM"):
+        return "masked"
+    if any(cls.endswith(k) for k in ("ForSequenceClassification", "ForImageClassification", "ForAudioClassification",
+                                       "ForVideoClassification")):
+        return "sequence"
+    return "token" if cls.endswith("ForTokenClassification") else None
 
 
 def _loss_convert(model: nn.Module, match) -> dict:
     m = model.get_submodule(match.names[0])
     saved = {"had": "_loss_function" in m.__dict__, "loss_function": m.__dict__.get("_loss_function")}
-    m.loss_function = causal_lm_loss if _loss_kind(m) == "causal" else masked_lm_loss
+    m.loss_function = _LOSSES[_loss_kind(m)]
     return {match.names[0]: saved}
 
 
@@ -224,7 +253,7 @@ def _loss_revert(m: nn.Module, saved: dict) -> None:
 RULES = [
     Rule("transformers.attention", _top_models, _attention_convert,
                lambda m, saved: _set_attention(m, saved["attn_implementation"]),
-               target='attn_implementation="fastnets"', changes_class=False,
+               target='attn_implementation="fastnets"', changes_class=False, covers=_attention_modules,
                note="attention on fastnets' flash kernels (output_attentions=True and softcap raise)"),
     Rule("transformers.rms_norm", lambda model: _find(model, _is_rms_norm),
                lambda model, match: _reclass(model, match, _rms_forward, _fastnets_offset=(
@@ -253,7 +282,11 @@ RULES = [
     Rule("transformers.clip_loss", lambda model: _find(model, lambda m: type(m).__name__ in ("CLIPModel", "SiglipModel")),
                lambda model, match: _reclass(model, match, _clip_model_forward, _fastnets_sigmoid=(
                    type(model.get_submodule(match.names[0])).__name__ == "SiglipModel")),
-               target="fastnets clip_loss (tiled; SigLIP's sigmoid for SiglipModel)"),
+               target="fastnets clip_loss (tiled; SigLIP's sigmoid for SiglipModel)", replaces_forward=False),
+    Rule("transformers.activation", lambda model: _find(model, _is_activation),
+               lambda model, match: _reclass(model, match, _activation_forward, _fastnets_act=(
+                   fused_activation_name(model.get_submodule(match.names[0])))),
+               target="fastnets activation kernel"),
     Rule("transformers.loss", lambda model: [m for m in _top_models(model)
                                                     if _loss_kind(model.get_submodule(m.names[0]))],
                _loss_convert, _loss_revert, target="fastnets cross_entropy", changes_class=False),
@@ -264,7 +297,7 @@ for _rule in RULES:
 GROUPS = {"attention": ("transformers.attention",),
           "norms": ("transformers.rms_norm", "torch.nn.modules.normalization.LayerNorm"),
           "mlp": ("transformers.gated_mlp", "transformers.gpt2_mlp", "transformers.bert_intermediate",
-                  "transformers.clip_mlp"),
+                  "transformers.clip_mlp", "transformers.activation"),
           "cross_entropy": ("transformers.loss", "transformers.clip_loss")}
 
 
@@ -286,6 +319,27 @@ def masked_lm_loss(logits: Tensor, labels: Tensor, vocab_size: int, num_items_in
                       ignore_index)
 
 
+def sequence_classification_loss(labels: Tensor, pooled_logits: Tensor, config, **kwargs) -> Tensor:
+    """transformers' ForSequenceClassification / ForImageClassification loss: single-label
+    classification on fastnets' cross-entropy; regression and multi-label as transformers."""
+    from transformers.loss.loss_utils import ForSequenceClassificationLoss
+    single = config.problem_type == "single_label_classification" or (
+        config.problem_type is None and config.num_labels > 1 and labels.dtype in (torch.long, torch.int))
+    if not single:
+        return ForSequenceClassificationLoss(labels, pooled_logits, config, **kwargs)
+    config.problem_type = "single_label_classification"   # as transformers records it
+    n = config.num_labels
+    return _reduce_hf(pooled_logits.view(-1, n), labels.to(pooled_logits.device).view(-1),
+                      kwargs.get("num_items_in_batch"), kwargs.get("ignore_index", -100))
+
+
+def token_classification_loss(logits: Tensor, labels: Tensor, config, **kwargs) -> Tensor:
+    """transformers' ForTokenClassification loss on fastnets' cross-entropy."""
+    n = config.num_labels
+    return _reduce_hf(logits.view(-1, n), labels.view(-1).to(logits.device), kwargs.get("num_items_in_batch"),
+                      kwargs.get("ignore_index", -100))
+
+
 def _reduce_hf(logits, target, num_items_in_batch, ignore_index):
     if num_items_in_batch is None:
         return ops.cross_entropy(logits, target, ignore_index=ignore_index, out_dtype=torch.float32)
@@ -293,6 +347,10 @@ def _reduce_hf(logits, target, num_items_in_batch, ignore_index):
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
+
+
+_LOSSES = {"causal": causal_lm_loss, "masked": masked_lm_loss, "sequence": sequence_classification_loss,
+           "token": token_classification_loss}
 
 
 def apply_fastnets(model: nn.Module, *, attention: bool = True, norms: bool = True, mlp: bool = True,

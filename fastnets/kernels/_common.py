@@ -1,6 +1,7 @@
 """Pieces every launcher uses: output allocation, accumulator dtype, program counts."""
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -89,6 +90,33 @@ if _config.interpret_requested():
 # launcher on meta tensors and compiles what they would launch, ahead of time, on a machine
 # without a GPU (the static kernel report). They take the GPU launch shapes, for an H100.
 META_SM_COUNT = 132
+
+
+_FORCED_TF32: list = []   # force_tf32()'s stack
+
+
+@contextlib.contextmanager
+def force_tf32():
+    """Tests of the TF32 path on the interpreter: float32 dots take TF32 inside this block
+    whatever the device (fastnets.kernels._common.float32_precision)."""
+    _FORCED_TF32.append(True)
+    try:
+        yield
+    finally:
+        _FORCED_TF32.pop()
+
+
+def float32_precision(dtype: torch.dtype, device: torch.device, allowed: bool) -> str:
+    """"tf32" when a float32 dot may run on TF32 tensor cores, else "ieee". As torch: its flag
+    for the op family says so (`allowed`: cudnn.allow_tf32 for convolutions and recurrent
+    cells, cuda.matmul.allow_tf32 for matmul-shaped kernels) and the launch is for a GPU.
+    torch never uses TF32 on CPU tensors, so neither does a kernel run by the interpreter on
+    them, whatever the flag (default True for cuDNN) says; force_tf32() overrides for tests."""
+    if dtype != torch.float32:
+        return "ieee"
+    if _FORCED_TF32 or (allowed and gpu_launch(device)):
+        return "tf32"
+    return "ieee"
 
 
 def gpu_launch(device: torch.device) -> bool:

@@ -585,11 +585,9 @@ def _dropout_mask_kernel(KEEP, SEED, H, seqlen_q, seqlen_k, dropout_p, BLOCK_M: 
 
 # --- launch configuration ---------------------------------------------------------------------
 
-def _precision(dtype: torch.dtype) -> str:
+def _precision(dtype: torch.dtype, device: torch.device) -> str:
     """fp32 inputs use TF32 tensor cores exactly when torch's matmuls may (the SDPA rule)."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    return _common.float32_precision(dtype, device, torch.backends.cuda.matmul.allow_tf32)
 
 
 def _bucket(n: int) -> int:
@@ -655,11 +653,11 @@ _TILES = {
 }
 
 
-def _arith(dtype: torch.dtype) -> str:
+def _arith(dtype: torch.dtype, device: torch.device) -> str:
     if dtype == torch.float64:
         return "fp64"
     if dtype == torch.float32:
-        return "tf32" if _precision(dtype) == "tf32" else "fma"
+        return "tf32" if _precision(dtype, device) == "tf32" else "fma"
     return "tc"
 
 
@@ -669,7 +667,7 @@ def attn_configs(kind: str, device: torch.device, head_dim: int, seqlen_q: int, 
     dropout, varlen or GQA. The interpreter runs programs one by one: one big tile."""
     if not _common.gpu_launch(device):
         return [_cfg(max(16, min(64, next_pow2(seqlen_q))), max(16, min(64, next_pow2(seqlen_k))), 4, 1)]
-    tiles = _TILES[(kind, 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256, _arith(dtype))]
+    tiles = _TILES[(kind, 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256, _arith(dtype, device))]
     chosen = tiles["all"] + (tiles["plain"] if plain else ())
     return [_cfg(*t) for t in chosen]
 
@@ -774,7 +772,7 @@ def flash_attn_fwd(q, k, v, attn_mask, alibi_slopes, cu_q, cu_k, max_sq: int, ma
     plain = mask_kind == MASK_NONE and alibi_slopes is None and dropout_p == 0 and not varlen
     configs = attn_configs("fwd", q.device, max(D, DV), max_sq, max_sk, q.dtype, plain)
     key = ("fwd", D, DV, _bucket(max_sq), _bucket(max_sk), mask_kind, alibi_slopes is not None, varlen,
-           right == 0, dropout_p > 0, str(q.dtype), _precision(q.dtype))
+           right == 0, dropout_p > 0, str(q.dtype), _precision(q.dtype, q.device))
     tuned_launch(
         _flash_attn_fwd_kernel, lambda c: (triton.cdiv(max_sq, c["BLOCK_M"]), B * Hq), configs, key, q.device,
         q, k, v, o, lse, mask, slopes, cu_q if varlen else dummy, cu_k if varlen else dummy,
@@ -782,7 +780,7 @@ def flash_attn_fwd(q, k, v, attn_mask, alibi_slopes, cu_q, cu_k, max_sq: int, ma
         *_bhs(q, varlen), *_bhs(k, varlen), *_bhs(v, varlen), *_bhs(o, varlen), *ms, *ss, *lse_strides,
         Hq, Hq // Hk, max_sq, max_sk, scales, left, right, float(dropout_p),
         D=D, DV=DV, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=mask_kind, HAS_ALIBI=alibi_slopes is not None,
-        VARLEN=varlen, BOTTOM_RIGHT=bottom_right, DROPOUT=dropout_p > 0, PREC=_precision(q.dtype))
+        VARLEN=varlen, BOTTOM_RIGHT=bottom_right, DROPOUT=dropout_p > 0, PREC=_precision(q.dtype, q.device))
     path_counts["flash"] += 1
     return o, lse
 
@@ -798,7 +796,7 @@ def _decode(q, k, v, o, lse, mask, mask_kind, ms, slopes, ss, has_alibi, scales,
     # 4-byte K/V tiles: two stages (76 KB of shared memory; three spilled). IEEE float32 runs
     # its dots on FMA units in one stage, with 32-key blocks, or 64 with a mask or ALiBi: the
     # shapes that fit in registers under both Triton 3.9 and 3.6.
-    fma = _arith(q.dtype) == "fma"
+    fma = _arith(q.dtype, q.device) == "fma"
     block_n = 32 if fma and not (mask_kind or has_alibi) else DECODE_BLOCK_N
     stages = 3 if q.dtype != torch.float32 else (1 if fma else 2)
     blocks = triton.cdiv(Sk, block_n)
@@ -814,7 +812,7 @@ def _decode(q, k, v, o, lse, mask, mask_kind, ms, slopes, ss, has_alibi, scales,
         Hk, group, Sq, Sk, keys_per_split, scales, left, right,
         D=D, DV=DV, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, BLOCK_R=BLOCK_R, BLOCK_N=block_n,
         MASK_KIND=mask_kind, HAS_ALIBI=has_alibi, BOTTOM_RIGHT=bottom_right,
-        PREC=_precision(q.dtype), num_warps=4, num_stages=stages)
+        PREC=_precision(q.dtype, q.device), num_warps=4, num_stages=stages)
     _flash_attn_combine_kernel[(B * Hk, rows)](
         o_part, lse_part, o, lse, *_bhs(o, False), Hk, group, Sq, splits,
         DV=DV, BLOCK_DV=BLOCK_DV, BLOCK_S=next_pow2(splits), ROWS_STRIDE=BLOCK_R, num_warps=4)
@@ -855,11 +853,11 @@ def flash_attn_bwd(do, q, k, v, o, lse, attn_mask, alibi_slopes, cu_q, cu_k, max
     scales = _scales(scale, q.dtype, q.device)
     common = dict(D=D, DV=DV, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, MASK_KIND=mask_kind,
                   HAS_ALIBI=alibi_slopes is not None, VARLEN=varlen, BOTTOM_RIGHT=bottom_right,
-                  DROPOUT=dropout_p > 0, PREC=_precision(q.dtype))
+                  DROPOUT=dropout_p > 0, PREC=_precision(q.dtype, q.device))
     seed_t = seed if seed is not None else dummy
     cu_q_t, cu_k_t = (cu_q, cu_k) if varlen else (dummy, dummy)
     key = (D, DV, _bucket(max_sq), _bucket(max_sk), mask_kind, alibi_slopes is not None, varlen, right == 0,
-           dropout_p > 0, group, str(q.dtype), _precision(q.dtype))
+           dropout_p > 0, group, str(q.dtype), _precision(q.dtype, q.device))
     plain = mask_kind == MASK_NONE and alibi_slopes is None and dropout_p == 0 and not varlen and group == 1
     tuned_launch(
         _flash_attn_bwd_dkdv_kernel, lambda c: (triton.cdiv(max_sk, c["BLOCK_N"]), B * Hk),

@@ -247,19 +247,17 @@ def _zero_shot_logits_kernel(X, W, Scale, Out, B, C, D, stride_x, stride_wd, str
 
 # --- launch configuration ---------------------------------------------------------------------
 
-def _precision(dtype: torch.dtype) -> str:
+def _precision(dtype: torch.dtype, device: torch.device) -> str:
     """fp32 features use TF32 tensor cores exactly when torch's matmuls may (so the loss is
     as exact as torch's own A @ B.T under the same setting)."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    return _common.float32_precision(dtype, device, torch.backends.cuda.matmul.allow_tf32)
 
 
-def _arith(dtype: torch.dtype) -> str:
+def _arith(dtype: torch.dtype, device: torch.device) -> str:
     if dtype in (torch.float16, torch.bfloat16):
         return "tc"
     if dtype == torch.float32:
-        return "tf32" if _precision(dtype) == "tf32" else "fma"
+        return "tf32" if _precision(dtype, device) == "tf32" else "fma"
     return "fp64"
 
 
@@ -291,11 +289,11 @@ _INTERPRET_BWD = (64, 64, 64, 64, 4, 1)
 
 
 def _fwd_tiles(dtype: torch.dtype, device: torch.device):
-    return _FWD_TILES[_arith(dtype)] if _common.gpu_launch(device) else _INTERPRET_FWD
+    return _FWD_TILES[_arith(dtype, device)] if _common.gpu_launch(device) else _INTERPRET_FWD
 
 
 def _bwd_configs(dtype: torch.dtype, D: int, device: torch.device) -> list[dict]:
-    cands = _BWD_TILES[_arith(dtype)] if _common.gpu_launch(device) else (_INTERPRET_BWD,)
+    cands = _BWD_TILES[_arith(dtype, device)] if _common.gpu_launch(device) else (_INTERPRET_BWD,)
     out = []
     for bm, bn, bk, bd, w, st in cands:
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": min(bk, max(16, next_pow2(D))),
@@ -333,7 +331,7 @@ def clip_loss_stats(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias:
         diag = part = row_out
     _clip_fwd_kernel[(programs,)](
         a, b, scale, _bias_ptr(bias, scale), row_out, diag, part, M, N, D, off, a.stride(0), b.stride(0), programs,
-        KIND=kind, HAS_BIAS=bias is not None, ACC=acc_dtype(a.dtype), PREC=_precision(a.dtype),
+        KIND=kind, HAS_BIAS=bias is not None, ACC=acc_dtype(a.dtype), PREC=_precision(a.dtype, a.device),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     if kind == KIND_SIGMOID:
         return row_out, nothing, a.new_empty((0,), dtype=acc)
@@ -357,7 +355,7 @@ def clip_loss_bwd(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torc
     dbm = empty((N, D), dtype=b.dtype, device=b.device)
     row_ds = empty((M,), dtype=acc, device=a.device)
     row_db = empty((M,), dtype=acc, device=a.device)
-    common = dict(KIND=kind, HAS_BIAS=bias is not None, ACC=acc_dtype(a.dtype), PREC=_precision(a.dtype))
+    common = dict(KIND=kind, HAS_BIAS=bias is not None, ACC=acc_dtype(a.dtype), PREC=_precision(a.dtype, a.device))
     lse_r = lse_row if kind == KIND_SOFTMAX else row_db
     lse_c = lse_col if kind == KIND_SOFTMAX else row_db
     bias_p = _bias_ptr(bias, scale)
@@ -388,13 +386,13 @@ def zero_shot_logits(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, norm
     B, D = x.shape
     C = w.shape[1]
     out = empty((B, C), dtype=x.dtype, device=x.device)
-    bm, bn, bk, warps, stages = (_ZERO_SHOT_TILES[_arith(x.dtype)] if _common.gpu_launch(x.device)
+    bm, bn, bk, warps, stages = (_ZERO_SHOT_TILES[_arith(x.dtype, x.device)] if _common.gpu_launch(x.device)
                                  else (64, 64, 64, 4, 1))
     bk = min(bk, max(16, next_pow2(D)))
     if B and C:
         _zero_shot_logits_kernel[(triton.cdiv(B, bm), triton.cdiv(C, bn))](
             x, w, scale, out, B, C, D, x.stride(0), w.stride(0), w.stride(1), out.stride(0),
             NORMALIZE=normalize, W_BY_CLASS=w.stride(0) == 1 and C > 1, ACC=acc_dtype(x.dtype),
-            PREC=_precision(x.dtype),
+            PREC=_precision(x.dtype, x.device),
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return out

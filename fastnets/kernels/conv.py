@@ -250,10 +250,8 @@ def _conv2d_wgrad_kernel(
 
 # --- launch configuration ------------------------------------------------------------------
 
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return "ieee"
+def _precision(dtype: torch.dtype, device: torch.device) -> str:
+    return _common.float32_precision(dtype, device, torch.backends.cudnn.allow_tf32)
 
 
 def _block_k(reduce_channels: int, cap: int) -> int:
@@ -296,7 +294,7 @@ def gemm_configs(kind: str, device: torch.device, rows: int, cols: int, red_chan
     if dtype == torch.float64:
         cands = _FP64_TILES[kind]
     elif dtype == torch.float32:
-        cands = _TF32_TILES if _precision(dtype) == "tf32" else _FMA_TILES[kind]
+        cands = _TF32_TILES if _precision(dtype, device) == "tf32" else _FMA_TILES[kind]
     else:
         cands = _TC_TILES
     size = torch.empty((), dtype=dtype).element_size()
@@ -396,7 +394,7 @@ def conv2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     res = residual if residual is not None else y
     heavy = residual is not None or store_z or activation not in _LIGHT_ACTIVATIONS
     configs = gemm_configs("fwd", x.device, M, Kg, Cg, x.dtype, heavy)
-    key = (_bucket(M), Kg, Cg, KH, KW, stride, G > 1, str(x.dtype), _precision(x.dtype), heavy)
+    key = (_bucket(M), Kg, Cg, KH, KW, stride, G > 1, str(x.dtype), _precision(x.dtype, x.device), heavy)
     tuned_launch(
         _conv2d_fwd_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(Kg, c["BLOCK_N"]), G),
         configs, key, x.device,
@@ -404,7 +402,7 @@ def conv2d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         N, H, W, P, Q, Cg, Kg, *_strides4(x), *_strides4(weight), *_strides4(y), *_strides4(res),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], float(slope),
         KH=KH, KW=KW, HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=_act_id(activation),
-        STORE_Z=store_z, ACC=acc_dtype(x.dtype), PRECISION=_precision(x.dtype))
+        STORE_Z=store_z, ACC=acc_dtype(x.dtype), PRECISION=_precision(x.dtype, x.device))
     return _as_layout(y, fmt), (_as_layout(z, fmt) if store_z else z)
 
 
@@ -429,7 +427,7 @@ def conv2d_dgrad(dy: torch.Tensor, weight: torch.Tensor, input_shape: tuple[int,
     z = _nhwc_out(dy, (N, C, H, W)) if store_z else dy.new_empty((0,))
     heavy = store_z or activation not in _LIGHT_ACTIVATIONS
     configs = gemm_configs("dgrad", dy.device, M, Cg, Kg, dy.dtype, heavy)
-    key = (_bucket(M), Kg, Cg, KH, KW, tuple(stride), G > 1, str(dy.dtype), _precision(dy.dtype), heavy)
+    key = (_bucket(M), Kg, Cg, KH, KW, tuple(stride), G > 1, str(dy.dtype), _precision(dy.dtype, dy.device), heavy)
     tuned_launch(
         _conv2d_dgrad_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(Cg, c["BLOCK_N"]), G),
         configs, key, dy.device,
@@ -437,7 +435,7 @@ def conv2d_dgrad(dy: torch.Tensor, weight: torch.Tensor, input_shape: tuple[int,
         N, H, W, P, Q, Cg, Kg, *_strides4(dy), *_strides4(weight), *_strides4(dx),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], float(slope),
         KH=KH, KW=KW, HAS_BIAS=bias is not None, ACT=_act_id(activation), STORE_Z=store_z,
-        ACC=acc_dtype(dy.dtype), PRECISION=_precision(dy.dtype))
+        ACC=acc_dtype(dy.dtype), PRECISION=_precision(dy.dtype, dy.device))
     return _as_layout(dx, fmt), (_as_layout(z, fmt) if store_z else z)
 
 
@@ -479,14 +477,14 @@ def conv2d_wgrad(dy: torch.Tensor, x: torch.Tensor, weight_shape: tuple[int, int
     splits = triton.cdiv(rows, rows_per)
     dw_part = empty((splits, K, KH, KW, Cg), dtype=acc, device=x.device)
     db_part = empty((splits, K), dtype=acc, device=x.device) if need_bias else dw_part
-    key = (_bucket(rows), Kg, Cg, KH, KW, tuple(stride), G > 1, str(dy.dtype), _precision(dy.dtype), splits)
+    key = (_bucket(rows), Kg, Cg, KH, KW, tuple(stride), G > 1, str(dy.dtype), _precision(dy.dtype, dy.device), splits)
     tuned_launch(
         _conv2d_wgrad_kernel,
         lambda c: (triton.cdiv(Kg, c["BLOCK_M"]) * triton.cdiv(Cg, c["BLOCK_N"]) * KH * KW, G * splits),
         configs, key, dy.device,
         dy, x, dw_part, db_part, N, H, W, P, Q, Cg, Kg, K, rows_per, splits,
         *_strides4(dy), *_strides4(x), stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        KH=KH, KW=KW, HAS_DB=need_bias, ACC=acc_dtype(dy.dtype), PRECISION=_precision(dy.dtype))
+        KH=KH, KW=KW, HAS_DB=need_bias, ACC=acc_dtype(dy.dtype), PRECISION=_precision(dy.dtype, dy.device))
     dw = (dw_part[0] if splits == 1 else dw_part.sum(0)).permute(0, 3, 1, 2)   # (K, Cg, R, S), NHWC strides
     dw = dw.to(dtype=out_dtype, memory_format=weight_format)
     db = (db_part[0] if splits == 1 else db_part.sum(0)).to(out_dtype) if need_bias else None

@@ -287,11 +287,9 @@ def _rnn_step_bwd_kernel(
 
 # --- launch configuration ------------------------------------------------------------------------
 
-def _precision(dtype: torch.dtype) -> str:
-    # cuDNN's RNNs run float32 on TF32 tensor cores when torch allows it for cuDNN.
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return "ieee"
+def _precision(dtype: torch.dtype, device: torch.device) -> str:
+    # cuDNN's RNNs run float32 on TF32 tensor cores when torch allows it for cuDNN (on a GPU).
+    return _common.float32_precision(dtype, device, torch.backends.cudnn.allow_tf32)
 
 
 def step_config(mode: str, H: int, B: int, K: int, dtype: torch.dtype, device: torch.device,
@@ -309,7 +307,7 @@ def step_config(mode: str, H: int, B: int, K: int, dtype: torch.dtype, device: t
     aligned = H % 16 == 0 and K % 16 == 0
     if dtype == torch.float64:   # gradcheck's dtype: float64 values take two registers each
         return dict(BLOCK_H=16, BLOCK_B=16, BLOCK_K=32, num_warps=4, num_stages=1)
-    if dtype == torch.float32 and _precision(dtype) == "ieee":
+    if dtype == torch.float32 and _precision(dtype, device) == "ieee":
         return dict(BLOCK_H=32, BLOCK_B=16, BLOCK_K=16, num_warps=4, num_stages=2 if aligned else 1)
     # The backward's float32 (TF32) tiles hold the reduction operands in float32: 16 rows
     # (32 spilled under Triton 3.6 with lengths).
@@ -371,7 +369,7 @@ def recurrence_fwd(mode: str, xg: torch.Tensor, h0: torch.Tensor, c0, w_hh: torc
     dummy = xg   # stands for pointers a specialization never reads
     consts = dict(CELL=CELLS[mode], NGATE=G, NSAVE=SAVED[mode], HAS_BHN=b_hn is not None,
                   HAS_LEN=lengths is not None, PROJ=w_hr is not None, ACC=acc_dtype(dtype),
-                  PRECISION=_precision(dtype), **cfg)
+                  PRECISION=_precision(dtype, dev), **cfg)
     args = (xg, hbuf, w_hh, b_hn if b_hn is not None else dummy, cbuf if cbuf is not None else dummy,
             hraw if hraw is not None else dummy, save, lengths if lengths is not None else dummy)
     for s in range(T):
@@ -421,7 +419,7 @@ def recurrence_bwd(mode: str, d_hbuf: torch.Tensor, d_cn, w_hh: torch.Tensor, w_
     w_acc = w_hh.to(acc)
     wr_acc = w_hr.to(acc) if proj else None
     consts = dict(CELL=CELLS[mode], NGATE=G, NSAVE=SAVED[mode], HAS_CH=not proj, HAS_LEN=lengths is not None,
-                  DY_SLOTS=not proj, ACC=acc_dtype(dtype), PRECISION=_precision(dtype), **cfg)
+                  DY_SLOTS=not proj, ACC=acc_dtype(dtype), PRECISION=_precision(dtype, dev), **cfg)
     dy_proj = torch.empty((D, B, H), dtype=acc, device=dev) if proj else None
     args = (dgh, w_hh, dy_proj if proj else d_hbuf, chb, ccb, save, cbuf if cbuf is not None else hbuf, hbuf, dxg,
             lengths if lengths is not None else hbuf)

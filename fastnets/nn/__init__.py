@@ -1,7 +1,7 @@
 """Drop-in modules, one file per kernel family: same constructor arguments, attributes and
 state_dict keys as the torch.nn classes they replace (each subclasses it), forward
 through fastnets.ops."""
-from .activation import FoldedReLU, fused_activation_name
+from .activation import GELU, FoldedReLU, LeakyReLU, ReLU, Sigmoid, SiLU, Tanh, fused_activation_name
 from .attention import MultiheadAttention
 from .batchnorm import BatchNorm2d, FoldedBatchNorm2d
 from .conv import Conv1d, Conv2d, ConvTranspose2d, FusedConv2d, conv_bn_act
@@ -12,6 +12,6 @@ from .pool import AdaptiveAvgPool2d, AdaptiveMaxPool2d, AvgPool2d, MaxPool2d
 from .transformer import TransformerDecoderLayer, TransformerEncoder, TransformerEncoderLayer
 
 __all__ = ["AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "AvgPool2d", "BatchNorm2d", "ClipLoss", "Conv1d", "Conv2d", "ConvTranspose2d",
-           "CrossEntropyLoss", "FoldedBatchNorm2d", "FoldedReLU", "FusedConv2d", "GRU", "GRUCell", "GroupNorm", "LSTM", "LSTMCell", "LayerNorm", "MaxPool2d",
-           "MultiheadAttention", "RMSNorm", "RNN", "RNNCell", "SigLipLoss", "TransformerDecoderLayer", "TransformerEncoder", "TransformerEncoderLayer",
+           "CrossEntropyLoss", "FoldedBatchNorm2d", "FoldedReLU", "FusedConv2d", "GELU", "GRU", "GRUCell", "GroupNorm", "LSTM", "LSTMCell", "LayerNorm", "LeakyReLU", "MaxPool2d",
+           "MultiheadAttention", "RMSNorm", "RNN", "RNNCell", "ReLU", "SiLU", "SigLipLoss", "Sigmoid", "Tanh", "TransformerDecoderLayer", "TransformerEncoder", "TransformerEncoderLayer",
            "conv_bn_act", "fused_activation_name"]

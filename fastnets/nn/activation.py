@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import ops
 from ..reference.activation import ACTIVATIONS
 
 # Hugging Face's activation classes, by class name (transformers is optional: no import).
@@ -23,6 +24,8 @@ def fused_activation_name(act) -> Optional[str]:
     exactly what `act` computes, or None when there is none (run `act` as given)."""
     if isinstance(act, str):
         return act if act in ACTIVATIONS else None
+    if isinstance(act, _Activation):   # a torch activation module swap() already converted
+        return act._fastnets_activation
     if isinstance(act, nn.GELU):
         return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
     for cls, name in ((nn.ReLU, "relu"), (nn.SiLU, "silu"), (nn.Tanh, "tanh"), (nn.Sigmoid, "sigmoid"),
@@ -51,3 +54,50 @@ class FoldedReLU(nn.ReLU):
         if self.fused_conv.fusion_active():
             return input
         return super().forward(input)
+
+
+class _Activation:
+    """forward through fastnets' bias_act kernel (no bias): one read, one write. `inplace=True`
+    modules compute out of place, as their output is what every caller uses (torch's own
+    autograd keeps the output for the backward either way)."""
+
+    _fastnets_activation = "identity"
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not input.is_floating_point():
+            return super().forward(input)   # integer tensors: torch's semantics, nothing to fuse
+        return ops.bias_act(input, None, self._fastnets_activation,
+                            negative_slope=getattr(self, "negative_slope", 0.01))
+
+
+class ReLU(_Activation, nn.ReLU):
+    """``torch.nn.ReLU`` on fastnets' activation kernel."""
+    _fastnets_activation = "relu"
+
+
+class LeakyReLU(_Activation, nn.LeakyReLU):
+    """``torch.nn.LeakyReLU`` on fastnets' activation kernel."""
+    _fastnets_activation = "leaky_relu"
+
+
+class SiLU(_Activation, nn.SiLU):
+    """``torch.nn.SiLU`` on fastnets' activation kernel."""
+    _fastnets_activation = "silu"
+
+
+class Tanh(_Activation, nn.Tanh):
+    """``torch.nn.Tanh`` on fastnets' activation kernel."""
+    _fastnets_activation = "tanh"
+
+
+class Sigmoid(_Activation, nn.Sigmoid):
+    """``torch.nn.Sigmoid`` on fastnets' activation kernel."""
+    _fastnets_activation = "sigmoid"
+
+
+class GELU(_Activation, nn.GELU):
+    """``torch.nn.GELU`` (erf or tanh approximation) on fastnets' activation kernel."""
+
+    @property
+    def _fastnets_activation(self) -> str:
+        return "gelu_tanh" if self.approximate == "tanh" else "gelu"

@@ -97,6 +97,10 @@ class FusedConv2d(Conv2d):
         conv.__class__, bn.__class__ = cls, FoldedBatchNorm2d
         conv.__dict__["_fastnets_fused_bn"] = bn
         conv.__dict__["_fastnets_fused_activation"] = check_activation("FusedConv2d", activation)
+        # With a FoldedReLU the model's own ReLU is gone and the epilogue must apply it. Without
+        # one (a ReLU module shared with other call sites, or F.relu in the model's forward),
+        # the model still applies its ReLU after this conv and the epilogue's is a repeat.
+        conv.__dict__["_fastnets_epilogue_owned"] = relu is not None
         bn.__dict__["_fastnets_fused_conv"] = conv
         if relu is not None:
             relu.__class__ = FoldedReLU
@@ -116,7 +120,18 @@ class FusedConv2d(Conv2d):
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if self.fusion_active():
-            return self._conv(input, *_folded(self, self.fused_bn), self.fused_activation, residual)
+            weight, bias = _folded(self, self.fused_bn)
+            activation = self.fused_activation
+            if (activation != _IDENTITY and not self.__dict__.get("_fastnets_epilogue_owned", True)
+                    and torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                        for t in (input, weight, bias, residual))):
+                # An activation epilogue saves its output for the backward, and the ReLU the
+                # model applies next may run in place on that very tensor (torchvision's
+                # blocks share one ReLU(inplace=True) between call sites): with autograd
+                # recording (eval-mode fine-tuning, saliency maps) the conv stops at the
+                # folded BN and leaves the ReLU to the model, which applies it anyway.
+                activation = _IDENTITY
+            return self._conv(input, weight, bias, activation, residual)
         return super().forward(input, residual)
 
     def extra_repr(self) -> str:

@@ -25,6 +25,7 @@ def _batchnorm_kernels():
 _dispatch.register_op("batch_norm", "BatchNorm (train and eval, any layout) with optional fused activation")
 
 _ACTS = ("identity", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
+ACTIVATIONS = _ACTS   # the activations the batch_norm kernels fuse
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:

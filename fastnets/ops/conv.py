@@ -163,7 +163,11 @@ def _conv2d_setup(ctx, inputs, output):
     x, weight, bias, residual, stride, padding, dilation, groups, out_hw, activation, slope, save_z = inputs
     y, z = output
     # bias and residual only feed a double backward's recompute of z (see module docstring).
-    ctx.save_for_backward(x, weight, z if save_z else y, bias if save_z else None, residual if save_z else None)
+    # The output is saved only when the activation's derivative reads it (relu / leaky_relu:
+    # its sign): a model may then change it in place (x += identity in torchvision's blocks),
+    # as it may torch's own conv output, whose backward never reads it either.
+    saved = z if save_z else (y if activation != "identity" else y.new_empty((0,)))
+    ctx.save_for_backward(x, weight, saved, bias if save_z else None, residual if save_z else None)
     ctx.args = (bias is not None, stride, padding, dilation, groups, activation, slope)
     ctx.has_res = residual is not None
 
@@ -254,8 +258,8 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     padding may be "valid" or "same". activation (fastnets extra): identity, relu,
     leaky_relu (negative_slope), gelu, gelu_tanh, silu, tanh, sigmoid. residual: a tensor of
     the output's shape added before the activation (a ResNet block's skip connection).
-    Backward: input, weight, bias and residual. Dtypes: float16, bfloat16, float32 (TF32 as
-    torch.backends.cudnn.allow_tf32 says), float64. Backends: triton, interpret, torch.
+    Backward: input, weight, bias and residual. Dtypes: float16, bfloat16, float32 (TF32 on CUDA tensors
+    when torch.backends.cudnn.allow_tf32 says so; never on CPU tensors, as torch), float64. Backends: triton, interpret, torch.
     """
     op = "conv2d"
     _check_common(op, input, weight, bias, groups, 2)
@@ -369,7 +373,8 @@ def _(dy, x, weight, saved, has_bias, stride, padding, dilation, groups, activat
 def _convt_setup(ctx, inputs, output):
     x, weight, bias, stride, padding, dilation, groups, out_hw, activation, slope, save_z = inputs
     y, z = output
-    ctx.save_for_backward(x, weight, z if save_z else y, bias if save_z else None)
+    saved = z if save_z else (y if activation != "identity" else y.new_empty((0,)))   # as conv2d's
+    ctx.save_for_backward(x, weight, saved, bias if save_z else None)
     ctx.args = (bias is not None, stride, padding, dilation, groups, activation, slope)
 
 
