@@ -273,6 +273,31 @@ def _convert_bn_act(model: nn.Module, match: Match) -> dict:
     return {match.names[0]: {}}
 
 
+def _activation_forward(self, input):
+    """Another library's activation class (transformers' GELUActivation, timm's GELU, ...)
+    on fastnets' activation kernel."""
+    if not input.is_floating_point():
+        return type(self).__bases__[0].forward(self, input)
+    return ops.bias_act(input, None, self._fastnets_act)
+
+
+def _activation_modules(model: nn.Module) -> list[Match]:
+    out = []
+    for name, m in model.named_modules():
+        if type(m).__module__.startswith(("fastnets.", "torch.")) or _records(m) or list(m.children()):
+            continue
+        act = fnn.fused_activation_name(m)
+        if act not in (None, "identity"):
+            out.append(Match((name,), act))
+    return out
+
+
+def _convert_activation(model: nn.Module, match: Match) -> dict:
+    m = model.get_submodule(match.names[0])
+    m.__class__ = patched_class(type(m), _activation_forward, sys.modules[__name__], _fastnets_act=match.info)
+    return {match.names[0]: {}}
+
+
 def _functional_root(model: nn.Module) -> list[Match]:
     return [Match(("",))]
 
@@ -316,6 +341,8 @@ RULES: list[Rule] = [
     Rule("torch.subclass", _same_forward_subclasses, _convert_subclass,
          target="the fastnets module of its torch base class",
          note="a subclass that keeps its base's forward (weight norm's parametrized conv, ...)"),
+    Rule("activation", _activation_modules, _convert_activation, target="fastnets activation kernel",
+         note="another library's activation class, recognised by fastnets.nn.fused_activation_name"),
     Rule("bn_act", _bn_act_modules, _convert_bn_act, target="fastnets batch_norm with the activation fused"),
     Rule("norm.by_behaviour", _norms_by_behaviour, _convert_norm, target="fastnets rms_norm / layer_norm",
          note="a norm recognised by what it computes on a probe input (RMSNorm, LayerNorm, channels-first "
@@ -330,7 +357,7 @@ RULES: list[Rule] = [
 
 # The last rules of the table: they match by structure or behaviour what no named rule did, so
 # the libraries' own rules (registered later) come before them.
-_FALLBACK_RULES = ("torch.subclass", "bn_act", "norm.by_behaviour", "functional")
+_FALLBACK_RULES = ("torch.subclass", "activation", "bn_act", "norm.by_behaviour", "functional")
 
 
 def register_rule(rule: Rule, *, before: Optional[str] = None) -> None:
@@ -484,12 +511,35 @@ _NO_KERNEL = {nn.ReLU6: "ReLU6 (clamped)", nn.Hardswish: "hardswish", nn.Hardsig
               nn.Mish: "mish", nn.ELU: "elu", nn.Softmax: "a standalone softmax"}
 
 
+# Named like a category, but a GEMM: transformers' Conv1D is GPT-2's linear layer.
+_NOT_A_CATEGORY = {("transformers.pytorch_utils", "Conv1D")}
+
+
 def _category(module: nn.Module) -> Optional[str]:
     for base, category in _CATEGORY_BASES:
         if isinstance(module, base):
             return category
-    name = type(module).__name__
-    return next((category for key, category in _CATEGORY_NAMES if key in name), None)
+    cls = type(module)
+    if (cls.__module__, cls.__name__) in _NOT_A_CATEGORY:
+        return None
+    return next((category for key, category in _CATEGORY_NAMES if key in cls.__name__), None)
+
+
+_INLINE: dict = {}
+
+
+def _calls_intercepted(cls: type) -> bool:
+    """Whether cls.forward calls one of the functions FunctionalMode routes (by name in its
+    source): with swap(functional=True) such a module's work runs on fastnets ops."""
+    if cls not in _INLINE:
+        import inspect
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            source = ""
+        names = {getattr(f, "__name__", "") for f in intercept.FUNCTIONS}
+        _INLINE[cls] = any(f"{n}(" in source for n in names if n)
+    return _INLINE[cls]
 
 
 def _list_uncovered(model: nn.Module, report: "SwapReport", functional: bool) -> None:
@@ -506,7 +556,7 @@ def _list_uncovered(model: nn.Module, report: "SwapReport", functional: bool) ->
         if name in done or name in report.covered or any(d == "" or name.startswith(d + ".") for d in rewritten):
             continue
         category = _category(module)
-        if category is None:
+        if category is None or (functional and _calls_intercepted(type(module))):
             continue
         if list(module.children()) and any(_category(c) for c in module.modules() if c is not module):
             continue   # a container: its children are listed themselves

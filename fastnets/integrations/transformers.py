@@ -155,15 +155,6 @@ def _clip_model_forward(self, *args, return_loss=None, **kwargs):
 _GATED = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}
 
 
-def _activation_forward(self, input: Tensor) -> Tensor:
-    """A transformers activation class (GELUActivation, NewGELUActivation, QuickGELUActivation,
-    ...) on fastnets' activation kernel."""
-    return ops.bias_act(input, None, self._fastnets_act)
-
-
-def _is_activation(m: nn.Module) -> bool:
-    return not list(m.children()) and fused_activation_name(m) not in (None, "identity")
-
 
 def _find(model: nn.Module, pred) -> list:
     return [Match((name,)) for name, m in model.named_modules() if _from_transformers(m) and pred(m)]
@@ -283,10 +274,6 @@ RULES = [
                lambda model, match: _reclass(model, match, _clip_model_forward, _fastnets_sigmoid=(
                    type(model.get_submodule(match.names[0])).__name__ == "SiglipModel")),
                target="fastnets clip_loss (tiled; SigLIP's sigmoid for SiglipModel)", replaces_forward=False),
-    Rule("transformers.activation", lambda model: _find(model, _is_activation),
-               lambda model, match: _reclass(model, match, _activation_forward, _fastnets_act=(
-                   fused_activation_name(model.get_submodule(match.names[0])))),
-               target="fastnets activation kernel"),
     Rule("transformers.loss", lambda model: [m for m in _top_models(model)
                                                     if _loss_kind(model.get_submodule(m.names[0]))],
                _loss_convert, _loss_revert, target="fastnets cross_entropy", changes_class=False),
@@ -297,7 +284,7 @@ for _rule in RULES:
 GROUPS = {"attention": ("transformers.attention",),
           "norms": ("transformers.rms_norm", "torch.nn.modules.normalization.LayerNorm"),
           "mlp": ("transformers.gated_mlp", "transformers.gpt2_mlp", "transformers.bert_intermediate",
-                  "transformers.clip_mlp", "transformers.activation"),
+                  "transformers.clip_mlp", "activation"),
           "cross_entropy": ("transformers.loss", "transformers.clip_loss")}
 
 

@@ -15,6 +15,9 @@ from ..reference.activation import ACTIVATIONS
 # Hugging Face's activation classes, by class name (transformers is optional: no import).
 _HF_ACTIVATIONS = {"SiLUActivation": "silu", "GELUActivation": "gelu", "NewGELUActivation": "gelu_tanh",
                    "GELUTanh": "gelu_tanh", "QuickGELUActivation": "quick_gelu", "PytorchGELUTanh": "gelu_tanh", "GELUPytorchTanh": "gelu_tanh"}
+# timm's activation classes (timm.layers.activations), by class name (timm is optional too).
+_TIMM_ACTIVATIONS = {"GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu", "Swish": "silu", "Sigmoid": "sigmoid",
+                     "Tanh": "tanh"}
 _FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.gelu: "gelu", F.silu: "silu", torch.tanh: "tanh",
               F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid"}
 
@@ -33,27 +36,18 @@ def fused_activation_name(act) -> Optional[str]:
         if type(act) is cls:
             return name
     if isinstance(act, nn.Module):
-        name = type(act).__name__
-        return _HF_ACTIVATIONS.get(name) if type(act).__module__.startswith("transformers.") else None
+        name, home = type(act).__name__, type(act).__module__
+        if home.startswith("transformers."):
+            return _HF_ACTIVATIONS.get(name)
+        if home.startswith("timm."):
+            if name == "GELU":
+                return {"none": "gelu", "tanh": "gelu_tanh"}.get(getattr(act, "approximate", "none"))
+            return _TIMM_ACTIVATIONS.get(name)
+        return None
     try:
         return _FUNCTIONS.get(act)
     except TypeError:   # unhashable callables
         return None
-
-
-class FoldedReLU(nn.ReLU):
-    """A ReLU after a Conv2d -> BatchNorm2d chain that fastnets fused (fastnets.nn.FusedConv2d):
-    in eval mode the conv's epilogue already applied it, so it passes its input through;
-    in training it is torch.nn.ReLU."""
-
-    @property
-    def fused_conv(self) -> nn.Module:
-        return self.__dict__["_fastnets_fused_conv"]
-
-    def forward(self, input: Tensor) -> Tensor:
-        if self.fused_conv.fusion_active():
-            return input
-        return super().forward(input)
 
 
 class _Activation:
@@ -101,3 +95,17 @@ class GELU(_Activation, nn.GELU):
     @property
     def _fastnets_activation(self) -> str:
         return "gelu_tanh" if self.approximate == "tanh" else "gelu"
+
+
+class FoldedReLU(ReLU):
+    """A ReLU used only after a Conv2d -> BatchNorm2d chain that fastnets fused
+    (fastnets.nn.FusedConv2d): in eval mode the conv's epilogue applies it, in training the
+    FoldedBatchNorm2d's pass does (batch_norm with the activation fused), so it passes its
+    input through."""
+
+    @property
+    def fused_conv(self) -> nn.Module:
+        return self.__dict__["_fastnets_fused_conv"]
+
+    def forward(self, input: Tensor) -> Tensor:
+        return input

@@ -62,4 +62,6 @@ class FoldedBatchNorm2d(BatchNorm2d):
     def forward(self, input: Tensor, activation: Optional[str] = None) -> Tensor:
         if self.fused_conv.fusion_active():
             return input   # folded into the preceding conv
+        if activation is None and self.__dict__.get("_fastnets_fused_relu", False):
+            activation = "relu"   # the FoldedReLU after this BN passes its input through
         return super().forward(input, activation)

@@ -103,6 +103,7 @@ class FusedConv2d(Conv2d):
         conv.__dict__["_fastnets_epilogue_owned"] = relu is not None
         bn.__dict__["_fastnets_fused_conv"] = conv
         if relu is not None:
+            bn.__dict__["_fastnets_fused_relu"] = True
             relu.__class__ = FoldedReLU
             relu.__dict__["_fastnets_fused_conv"] = conv
 
