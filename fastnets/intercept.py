@@ -35,7 +35,7 @@ def _floating(*tensors) -> Optional[str]:
 def _activation(name: str):
     def handler(args, kwargs):
         x = args[0] if args else kwargs.get("input")
-        if kwargs.get("inplace") or (len(args) > 1 and args[1] is True and name != "leaky_relu"):
+        if kwargs.get("inplace") or (len(args) > 1 and args[1] is True):
             return None, "inplace=True"
         if not isinstance(x, torch.Tensor) or _floating(x):
             return None, "a non-floating input"
@@ -74,8 +74,8 @@ def _cross_entropy(args, kwargs):
 def _same_signature(op: Callable, check: Optional[Callable] = None):
     def handler(args, kwargs):
         why = check(args, kwargs) if check else None
-        if why is None:
-            why = _floating(*(a for a in args if isinstance(a, torch.Tensor)))
+        if why is None:   # the input (a bool attn_mask or int64 running count may follow)
+            why = _floating(args[0] if args else kwargs.get("input", kwargs.get("query")))
         if why is not None:
             return None, why
         return op(*args, **kwargs), None

@@ -163,9 +163,20 @@ def _same_forward_subclasses(model: nn.Module) -> list[Match]:
         if cls in sources or cls.__module__.startswith("fastnets.") or _records(m):
             continue
         base = next((b for b in cls.__mro__[1:] if b in sources), None)
-        if base is not None and cls.forward is base.forward:
+        if base is not None and cls.forward is base.forward and not _overrides(cls, base):
             out.append(Match((name,), base))
     return out
+
+
+def _overrides(cls: type, base: type) -> list:
+    """Methods of `base` that cls (or a class between them) redefines, other than the copy /
+    pickle hooks torch's parametrizations add: torch's forward may call them (Conv2d.forward
+    calls _conv_forward), fastnets' forward would not, so such a subclass is left alone."""
+    between = cls.__mro__[:cls.__mro__.index(base)]
+    return [name for k in between for name, v in vars(k).items()
+            if callable(v) and hasattr(base, name) and name not in ("__init__", "__getstate__", "__setstate__",
+                                                                    "__deepcopy__", "__reduce__", "__reduce_ex__",
+                                                                    "extra_repr", "reset_parameters")]
 
 
 def _convert_subclass(model: nn.Module, match: Match) -> dict:
@@ -207,16 +218,18 @@ def _probe_norm(m: nn.Module) -> Optional[tuple]:
     ln2 = torch.nn.functional.layer_norm(x2.permute(0, 2, 3, 1), (C,), w, b, eps).permute(0, 3, 1, 2)
     candidates.append((("layer2d",), x2, ln2))
     device, dtype = m.weight.device, m.weight.dtype
+    if device.type == "meta":
+        return None   # nothing to run it on
     tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
     for kind, probe, want in candidates:
         try:
             with torch.no_grad():
                 got = m(probe.to(device, dtype))
-        except Exception:   # the module does not take this shape: not this kind
+            if (isinstance(got, torch.Tensor) and got.shape == want.shape
+                    and torch.allclose(got.double().cpu(), want, rtol=tol, atol=tol)):
+                return kind
+        except Exception:   # the module does not take this shape or dtype: not this kind
             continue
-        if (isinstance(got, torch.Tensor) and got.shape == want.shape
-                and torch.allclose(got.double().cpu(), want, rtol=tol, atol=tol)):
-            return kind
     return None
 
 
@@ -597,7 +610,9 @@ def _list_subclasses(model: nn.Module, report: SwapReport) -> None:
             continue
         base = next((b for b in sources if issubclass(cls, b) and cls is not b), None)
         if base is not None:
-            report.skipped.append((name, cls.__name__, f"subclass of {base.__name__}; its forward may differ"))
+            why = (f"subclass of {base.__name__} with its own forward" if cls.forward is not base.forward else
+                   f"subclass of {base.__name__} redefining {', '.join(_overrides(cls, base))}")
+            report.skipped.append((name, cls.__name__, why))
 
 
 def unswap(model: nn.Module) -> SwapReport:

@@ -141,3 +141,30 @@ def test_bias_act_cuda_extension(activation, dtype):
         check_op("bias_act", lambda x, b: ops.bias_act(x, b, activation),
                  lambda x, b: reference.bias_act(x, b, activation), [x, b], dtype, peer=_peer(activation),
                  backend="cuda")
+
+
+_MODULES = [("ReLU", (), "relu"), ("LeakyReLU", (0.2,), "leaky_relu"), ("GELU", (), "gelu"),
+            ("GELU", ("tanh",), "gelu_tanh"), ("SiLU", (), "silu"), ("Tanh", (), "tanh"), ("Sigmoid", (), "sigmoid")]
+
+
+@pytest.mark.parametrize("dtype", POINTWISE_DTYPES)
+@pytest.mark.parametrize("cls, ctor, activation", _MODULES)
+def test_activation_modules(cls, ctor, activation, dtype):
+    """fastnets.nn's activation modules (what swap() puts in for torch's): bias_act with no bias,
+    against the float64 reference and torch's own module, on an odd non-contiguous input."""
+    fast, torch_module = getattr(fastnets.nn, cls)(*ctor), getattr(torch.nn, cls)(*ctor)
+    assert isinstance(fast, getattr(torch.nn, cls)) and fast.extra_repr() == torch_module.extra_repr()
+    x = noncontiguous(torch.randn(3, 5, 7, device=DEVICE, dtype=dtype))
+    check_op("bias_act", lambda t: fast(t), lambda t: reference.activation.bias_act(t, None, activation,
+                                                                                     negative_slope=0.2),
+             [x], dtype, peer=lambda t: torch_module(t))
+
+
+def test_activation_modules_keep_torch_semantics_for_integers_and_inplace():
+    x = torch.tensor([-2, 0, 3], device=DEVICE)
+    assert torch.equal(fastnets.nn.ReLU()(x), x.relu())   # integer tensors: torch's module
+    y = torch.randn(4, 6, device=DEVICE)
+    before = y.clone()
+    with expect_backend("bias_act"):
+        out = fastnets.nn.ReLU(inplace=True)(y)
+    assert torch.equal(out, before.relu()) and torch.equal(y, before)   # out of place (documented)
