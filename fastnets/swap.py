@@ -311,6 +311,64 @@ def _convert_activation(model: nn.Module, match: Match) -> dict:
     return {match.names[0]: {}}
 
 
+def _is_conv_weight(module: nn.Module, name: str, p: torch.Tensor) -> bool:
+    return isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)) and name == "weight" and p.dim() == 4
+
+
+def _to_layout(value, memory_format):
+    """4-D floating tensors in `value` (a tensor, or one level of tuple / list / dict, such
+    as a transformers or diffusers output) in `memory_format`; everything else as it is."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 4 and value.is_floating_point():
+            return value.contiguous(memory_format=memory_format)
+        return value
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        return type(value)(_to_layout(v, memory_format) for v in value)
+    if isinstance(value, dict):
+        for k in list(value.keys()):
+            value[k] = _to_layout(value[k], memory_format)
+    return value
+
+
+def _channels_last_inputs(module, args, kwargs):
+    return _to_layout(tuple(args), torch.channels_last), {k: _to_layout(v, torch.channels_last)
+                                                          for k, v in kwargs.items()}
+
+
+def _contiguous_outputs(module, args, kwargs, output):
+    return _to_layout(output, torch.contiguous_format)
+
+
+def _install_channels_last(model: nn.Module, match: Match) -> dict:
+    """The layout policy: every 4-D conv weight becomes channels_last once (same Parameter
+    objects, data re-laid), the model's 4-D inputs are made channels_last on the way in and its
+    4-D outputs contiguous on the way out. Between, fastnets' convolutions, norms, pools and
+    pointwise kernels keep the layout of their input, so an NCHW model pays one conversion at
+    each end instead of one around every convolution (weights included)."""
+    params = []
+    with torch.no_grad():
+        for mod_name, module in model.named_modules():
+            for name, p in module.named_parameters(recurse=False):
+                if _is_conv_weight(module, name, p) and not p.is_contiguous(memory_format=torch.channels_last):
+                    p.data = p.data.contiguous(memory_format=torch.channels_last)
+                    params.append(f"{mod_name}.{name}" if mod_name else name)
+    pre = model.register_forward_pre_hook(_channels_last_inputs, with_kwargs=True)
+    post = model.register_forward_hook(_contiguous_outputs, with_kwargs=True)
+    return {"": {"params": params, "hooks": (pre.id, post.id)}}
+
+
+def _revert_channels_last(model: nn.Module, saved: dict) -> None:
+    pre, post = saved["hooks"]
+    model._forward_pre_hooks.pop(pre, None)
+    model._forward_pre_hooks_with_kwargs.pop(pre, None)
+    model._forward_hooks.pop(post, None)
+    model._forward_hooks_with_kwargs.pop(post, None)
+    with torch.no_grad():
+        for name in saved["params"]:
+            p = model.get_parameter(name)
+            p.data = p.data.contiguous()
+
+
 def _functional_root(model: nn.Module) -> list[Match]:
     return [Match(("",))]
 
@@ -360,6 +418,10 @@ RULES: list[Rule] = [
     Rule("norm.by_behaviour", _norms_by_behaviour, _convert_norm, target="fastnets rms_norm / layer_norm",
          note="a norm recognised by what it computes on a probe input (RMSNorm, LayerNorm, channels-first "
               "LayerNorm2d)"),
+    Rule("layout.channels_last", _functional_root, _install_channels_last, _revert_channels_last,
+         target="channels_last convolution weights and activations", changes_class=False, opt_in="channels_last",
+         note="conv weights re-laid channels_last once; 4-D inputs converted on the way in, 4-D outputs back to "
+              "contiguous on the way out"),
     Rule("functional", _functional_root, _install_functional, lambda m, saved: intercept.uninstall(m, saved),
          target="FunctionalMode around the forward (inline F.* calls on fastnets ops)", changes_class=False,
          opt_in="functional",
@@ -370,7 +432,8 @@ RULES: list[Rule] = [
 
 # The last rules of the table: they match by structure or behaviour what no named rule did, so
 # the libraries' own rules (registered later) come before them.
-_FALLBACK_RULES = ("torch.subclass", "activation", "bn_act", "norm.by_behaviour", "functional")
+_FALLBACK_RULES = ("torch.subclass", "activation", "bn_act", "norm.by_behaviour", "layout.channels_last",
+                   "functional")
 
 
 def register_rule(rule: Rule, *, before: Optional[str] = None) -> None:
@@ -440,7 +503,7 @@ def _records(module: nn.Module) -> list:
 
 
 def swap(model: nn.Module, *, include=None, exclude=None, fuse: bool = True, functional: bool = False,
-         strict: bool = False) -> SwapReport:
+         memory_format=None, strict: bool = False) -> SwapReport:
     """Put fastnets modules into `model`, in place, by the rules in RULES.
 
     include / exclude: module classes (``nn.GroupNorm``), class names (``"GroupNorm"``),
@@ -461,13 +524,22 @@ def swap(model: nn.Module, *, include=None, exclude=None, fuse: bool = True, fun
     fastnets ops too. Off by default: the mode sees every torch call of the forward, a few
     microseconds of Python each.
 
+    memory_format: None (default: weights and activations keep their layout) or
+    "channels_last" / torch.channels_last: the layout policy for CNNs written in NCHW. Every
+    conv weight is re-laid channels_last once and the model's 4-D inputs and outputs are
+    converted at its boundary, so fastnets' convolutions never convert a layout inside the
+    model (an NCHW model otherwise pays a copy of every activation and weight around every
+    convolution). unswap() lays the weights out contiguously again.
+
     strict: raise ValueError when the report lists uncovered modules (work in a category
     fastnets has kernels for that stays on torch), after undoing the swap.
     """
     for sel in list(include or ()) + list(exclude or ()):
         _matches(sel, "", model, RULES[0])   # validates the selector types up front
     report = SwapReport(model)
-    options = {"functional": functional}
+    if memory_format not in (None, "channels_last", torch.channels_last):
+        raise ValueError(f"swap: memory_format must be None or 'channels_last', got {memory_format!r}")
+    options = {"functional": functional, "channels_last": memory_format is not None}
     for rule in RULES:
         if (rule.fusion and not fuse) or (rule.opt_in is not None and not options.get(rule.opt_in)):
             continue
@@ -495,6 +567,11 @@ def swap(model: nn.Module, *, include=None, exclude=None, fuse: bool = True, fun
                 report.covered.update(rule.covers(model, match))
     _list_subclasses(model, report)
     _list_uncovered(model, report, functional)
+    if memory_format is None and any(_is_conv_weight(m, n, p) and not p.is_contiguous(memory_format=torch.channels_last)
+                                     for m in model.modules() if type(m).__module__.startswith("fastnets.")
+                                     for n, p in m.named_parameters(recurse=False)):
+        report.notes.append(("", "layout.channels_last", "NCHW convolution weights: each fastnets convolution "
+                             "converts layouts; swap(model, memory_format='channels_last') converts once"))
     if strict and report.uncovered:
         unswap(model)
         raise ValueError("swap(strict=True): work fastnets has kernels for would stay on torch in:\n" + "\n".join(

@@ -168,3 +168,17 @@ def test_activation_modules_keep_torch_semantics_for_integers_and_inplace():
     with expect_backend("bias_act"):
         out = fastnets.nn.ReLU(inplace=True)(y)
     assert torch.equal(out, before.relu()) and torch.equal(y, before)   # out of place (documented)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
+def test_bias_act_keeps_a_dense_layout(activation):
+    """No bias: a channels_last (or any dense permuted) input is run in its storage order, so
+    the output keeps its layout and nothing is copied; values and gradients as torch."""
+    x = torch.randn(2, 5, 3, 4, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    y = ops.bias_act(x, None, activation)
+    assert y.is_contiguous(memory_format=torch.channels_last) and y.stride() == x.stride()
+    check_op("bias_act", lambda t: ops.bias_act(t, None, activation),
+             lambda t: reference.activation.bias_act(t, None, activation), [x], torch.float32,
+             peer=TORCH_ACT[activation])
+    z = torch.randn(4, 6, 5, device=DEVICE).transpose(0, 2)   # dense, permuted
+    assert ops.bias_act(z, None, activation).stride() == z.stride()

@@ -508,3 +508,70 @@ def test_transformers_classification_losses(head):
         model = transformers.BertForSequenceClassification(cfg)
     check_swapped_model(model, lambda dt: dict(input_ids=i, labels=labels), lambda o: o.loss, min_share=0.95,
                         modes=_TRAIN, kernels=("cross_entropy",) if head == "token" else ())
+
+
+_COPIES = ("clone", "copy_", "_to_copy", "contiguous")
+
+
+class _CopyCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes written by layout copies (clone / copy_ / _to_copy) during a forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.__name__.split(".")[0] in _COPIES:
+            t = out if isinstance(out, torch.Tensor) else args[0]
+            self.bytes += t.numel() * t.element_size()
+        return out
+
+
+def test_channels_last_layout_policy_converts_only_at_the_boundary():
+    """swap(memory_format="channels_last") on an NCHW ResNet: the conv weights are re-laid once,
+    the input is converted on the way in, every convolution then sees channels_last input and
+    nothing else is copied inside the forward; unswap lays the weights out again."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=5).to(DEVICE).eval()
+    ref = copy.deepcopy(model)
+    params = dict(model.named_parameters())
+    x = torch.randn(2, 3, 8, 8, device=DEVICE)
+    fastnets.swap(model, memory_format="channels_last")
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
+    seen = []
+    handles = [m.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous(
+        memory_format=torch.channels_last))) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model(x)   # the first inference call folds each BN into its conv (kept until a weight changes)
+        counter = _CopyCounter()
+        with counter:
+            y = model(x)
+    for h in handles:
+        h.remove()
+    assert seen and all(seen), f"{seen.count(False)} of {len(seen)} convolutions saw NCHW input"
+    assert counter.bytes <= 2 * x.numel() * x.element_size(), counter.bytes   # the input's conversion
+    with torch.no_grad():
+        base = ref(x)
+        want = ref.double()(x.double())
+    assert_close(y, want, torch.float32, "channels_last policy", baseline=base, tol=MODEL_TRAIN_FLOAT32)
+    fastnets.unswap(model)
+    assert all(model.get_parameter(n) is p for n, p in params.items())
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    with pytest.raises(ValueError, match="memory_format"):
+        fastnets.swap(model, memory_format="nhwc")
+
+
+def test_eval_mode_fold_under_autograd_copies_no_weights():
+    """With autograd recording the BN is folded into its conv every call: only per-channel
+    vectors are converted (the fold used to round-trip every weight through float64)."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=5).to(DEVICE).eval()
+    fastnets.swap(model)
+    x = torch.randn(2, 3, 8, 8, device=DEVICE)
+    counter = _CopyCounter()
+    with counter:
+        model(x).sum().backward()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 4)
+    assert counter.bytes < weights / 50, (counter.bytes, weights)

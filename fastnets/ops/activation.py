@@ -136,8 +136,25 @@ def bias_act(input: Tensor, bias: Optional[Tensor] = None, activation: str = "re
     if backend == "cuda" and (gain != 1.0 or clamp is not None):
         raise ValueError("bias_act: gain and clamp are implemented in the Triton kernels only; the forced 'cuda' "
                          "backend (fastnets._C) does not take them")
+    impl = "cuda" if backend == "cuda" else "triton"
+    order = _dense_order(input) if bias is None and activation not in GATED else None
+    if order is not None:
+        # Pointwise with nothing indexed by a dim: run over the storage in its own order, so a
+        # channels_last (or any dense permuted) tensor keeps its layout and is never copied.
+        dense = input.permute(order)
+        y = torch.ops.fastnets.bias_act_fwd(dense.reshape(-1, dense.shape[-1]), None, activation, slope, impl, gain,
+                                            clamp)
+        return y.view(dense.shape).permute([order.index(d) for d in range(input.dim())])
     x2d = input.reshape(-1, C).contiguous()
     bias = bias.contiguous() if bias is not None else None
-    impl = "cuda" if backend == "cuda" else "triton"
     y = torch.ops.fastnets.bias_act_fwd(x2d, bias, activation, slope, impl, gain, clamp)
     return y.view(*input.shape[:-1], y.shape[-1])
+
+
+def _dense_order(t: Tensor) -> Optional[list]:
+    """The dim order in which a non-contiguous t is dense (channels_last: N, H, W, C), or None
+    (contiguous already, or not dense: strided views are copied as before)."""
+    if t.dim() < 2 or t.is_contiguous():
+        return None
+    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+    return order if t.permute(order).is_contiguous() else None

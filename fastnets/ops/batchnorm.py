@@ -175,15 +175,17 @@ def fold_conv_bn(conv_weight: Tensor, conv_bias: Optional[Tensor], bn_mean: Tens
                  transpose: bool = False) -> tuple[Tensor, Tensor]:
     """(weight, bias) of one conv equal to conv followed by eval-mode BatchNorm:
     w' = w * gamma / sqrt(var + eps) per output channel, b' = (b - mean) * gamma / sqrt(var + eps) + beta.
-    Computed in float64 and cast back to the conv weight's dtype. transpose: the weight is a
-    ConvTranspose weight (in, out/groups, kH, kW) -- only groups=1 supported there."""
+    The per-channel scale and the bias are computed in float64 (C values); the weight is scaled
+    in one pass in float32 (float64 for float64 weights), its layout kept: with autograd
+    recording this runs every call, and a float64 round trip of the weight would read and write
+    it eight times over. transpose: the weight is a ConvTranspose weight (in, out/groups, kH,
+    kW) -- only groups=1 supported there."""
     scale = torch.rsqrt(bn_var.double() + eps)
     if bn_weight is not None:
         scale = scale * bn_weight.double()
     b = conv_bias.double() if conv_bias is not None else torch.zeros_like(scale)
     shift = (b - bn_mean.double()) * scale + (bn_bias.double() if bn_bias is not None else 0.0)
-    if transpose:
-        w = conv_weight.double() * scale.view(1, -1, *([1] * (conv_weight.dim() - 2)))
-    else:
-        w = conv_weight.double() * scale.view(-1, *([1] * (conv_weight.dim() - 1)))
+    acc = torch.promote_types(conv_weight.dtype, torch.float32)
+    shape = (1, -1, *([1] * (conv_weight.dim() - 2))) if transpose else (-1, *([1] * (conv_weight.dim() - 1)))
+    w = conv_weight.to(acc) * scale.to(acc).view(shape)
     return w.to(conv_weight.dtype), shift.to(conv_weight.dtype)
