@@ -69,6 +69,9 @@ class Rule:
     # fastnets kernels without changing them (the attention modules under a model whose
     # attention implementation a rule set).
     covers: Optional[Callable[[nn.Module, "Match"], Iterable[str]]] = None
+    # Report only: (qualified name, class, category, why) for places the rule would convert
+    # but cannot (a hook another package provides is missing): listed as uncovered.
+    misses: Optional[Callable[[nn.Module], Iterable[tuple]]] = None
 
 
 _PATCHED: dict = {}
@@ -565,6 +568,8 @@ def swap(model: nn.Module, *, include=None, exclude=None, fuse: bool = True, fun
                 report.notes.append((match.names[0], rule.name, rule.note))
             if rule.covers is not None:
                 report.covered.update(rule.covers(model, match))
+        if rule.misses is not None:
+            report.uncovered.extend(rule.misses(model))
     _list_subclasses(model, report)
     _list_uncovered(model, report, functional)
     if memory_format is None and any(_is_conv_weight(m, n, p) and not p.is_contiguous(memory_format=torch.channels_last)

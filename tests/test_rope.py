@@ -99,3 +99,54 @@ def test_rope_gradcheck_float64_full(interleaved):
     with expect_backend("apply_rotary_emb"):
         assert torch.autograd.gradcheck(lambda x: ops.apply_rotary_emb(x, cos, sin, interleaved, position_ids=pos),
                                         (x,), fast_mode=False)
+
+
+def _hf_rotate_half(x, interleaved):
+    """transformers' rotate_half (Llama) and its interleaved form (Cohere, GLM)."""
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((-x2, x1), -1).flatten(-2)
+    x1, x2 = x.chunk(2, -1)
+    return torch.cat((-x2, x1), -1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("repeat", [True, False], ids=["hf-tables", "distinct-halves"])
+def test_rope_full_tables_match_transformers_form(repeat, interleaved, dtype):
+    """tables="full": per-dim cos/sin as Hugging Face builds them, (B or 1, S, R), in x's dtype,
+    partial rotary; against x * cos + rotate_half(x) * sin in float64. With distinct halves
+    (not a rotation) the backward is still the exact transpose."""
+    B, H, S, D, R = 2, 3, 7, 24, 16
+    g = torch.Generator().manual_seed(5)
+    angles = torch.rand(1, S, R // 2, generator=g, dtype=torch.float64) * 6
+    if repeat:
+        angles = angles.repeat_interleave(2, -1) if interleaved else torch.cat((angles, angles), -1)
+    else:
+        angles = torch.rand(1, S, R, generator=g, dtype=torch.float64) * 6
+    cos, sin = angles.cos().to(DEVICE, dtype), angles.sin().to(DEVICE, dtype)
+    x = torch.randn(B, H, S, D, generator=g).to(DEVICE, dtype)
+
+    def transformers_form(x):
+        c, s = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]
+        rot, rest = x[..., :R], x[..., R:]
+        return torch.cat((rot * c + _hf_rotate_half(rot, interleaved) * s, rest), -1)
+
+    kw = dict(interleaved=interleaved, tables="full")
+    check_op("apply_rotary_emb", lambda x: ops.apply_rotary_emb(x, cos, sin, **kw), transformers_form, [x], dtype,
+             peer=lambda x: transformers_form(x))
+    torch.testing.assert_close(reference.apply_rotary_emb(x.double(), cos, sin, **kw), transformers_form(x.double()))
+
+
+def test_rope_full_tables_gradcheck_and_errors():
+    g = torch.Generator().manual_seed(6)
+    cos, sin = torch.rand(5, 8, generator=g, dtype=torch.float64), torch.rand(5, 8, generator=g, dtype=torch.float64)
+    x = torch.randn(1, 2, 5, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    cos, sin, x = cos.to(DEVICE), sin.to(DEVICE), x.detach().to(DEVICE).requires_grad_()
+    with expect_backend("apply_rotary_emb"):
+        assert torch.autograd.gradcheck(lambda x: ops.apply_rotary_emb(x, cos, sin, tables="full"), (x,),
+                                        fast_mode=False)
+    with pytest.raises(ValueError, match="R even"):
+        ops.apply_rotary_emb(x, cos[:, :7], sin[:, :7], tables="full")
+    with pytest.raises(ValueError, match="tables must be"):
+        ops.apply_rotary_emb(x, cos, sin, tables="hf")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import fastnets
-from helpers import DEVICE, assert_close, expect_backend
+from helpers import DEVICE, KERNEL_BACKEND, assert_close, expect_backend
 from tolerances import MODEL_TRAIN_FLOAT32
 from work_counter import WorkCounter
 
@@ -247,6 +247,61 @@ def _hf_llama():
     return transformers.LlamaForCausalLM(cfg), lambda dt: dict(input_ids=i, labels=i), lambda o: o.loss
 
 
+def _hf_mistral():
+    cfg = transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                     sliding_window=4)
+    i = _ids(64).to(DEVICE)
+    return transformers.MistralForCausalLM(cfg), lambda dt: dict(input_ids=i, labels=i), lambda o: o.loss
+
+
+def _hf_qwen2():
+    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    i = _ids(64).to(DEVICE)
+    return transformers.Qwen2ForCausalLM(cfg), lambda dt: dict(input_ids=i, labels=i), lambda o: o.loss
+
+
+def _hf_gemma():
+    cfg = transformers.GemmaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=1, head_dim=8,
+                                   max_position_embeddings=32)
+    i = _ids(64).to(DEVICE)
+    return transformers.GemmaForCausalLM(cfg), lambda dt: dict(input_ids=i, labels=i), lambda o: o.loss
+
+
+def _hf_roberta():
+    cfg = transformers.RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=48, max_position_embeddings=40, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0, pad_token_id=1)
+    i = _ids(64).to(DEVICE)
+    labels = torch.where(torch.arange(9, device=DEVICE) % 3 == 0, i, -100)
+    return transformers.RobertaForMaskedLM(cfg), lambda dt: dict(input_ids=i, labels=labels), lambda o: o.loss
+
+
+def _hf_siglip():
+    cfg = transformers.SiglipConfig(
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=16),
+        vision_config=dict(image_size=16, patch_size=8, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                           num_attention_heads=4))
+    i = _ids(64, (2, 7)).to(DEVICE)
+    return (transformers.SiglipModel(cfg), lambda dt: dict(input_ids=i, pixel_values=_image(dt), return_loss=True),
+            lambda o: o.loss)
+
+
+def _hf_wav2vec2():
+    cfg = transformers.Wav2Vec2Config(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=32, conv_dim=(8, 8), conv_stride=(4, 2), conv_kernel=(8, 4),
+                                      num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, hidden_dropout=0.0,
+                                      attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
+                                      final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.0, num_labels=3,
+                                      classifier_proj_size=8)
+    x, y = torch.randn(2, 160), torch.tensor([0, 2], device=DEVICE)
+    return (transformers.Wav2Vec2ForSequenceClassification(cfg),
+            lambda dt: dict(input_values=x.to(DEVICE, dt), labels=y), lambda o: o.loss)
+
+
 def _hf_bert_classifier():
     cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                   intermediate_size=48, max_position_embeddings=32, hidden_dropout_prob=0.0,
@@ -320,15 +375,23 @@ def _diffusers_unet_conditional():
             lambda o: o.sample.square().mean())
 
 
-# (builder, swap keywords, classes the report lists, floor on the fastnets share, modes).
+# (builder, swap keywords (and `kernels`: ops that must run), classes the report lists, floor on
+# the fastnets share, modes).
 # Models without BatchNorm compute the same in eval and train mode (dropout is 0): train only.
 _NO_HARD = ("Hardsigmoid", "Hardswish")   # fastnets has no hardswish / hardsigmoid kernel
 _BOTH, _TRAIN = ("eval", "train"), ("train",)
+_ROPE = dict(kernels=("apply_rotary_emb",))   # apply_rotary_pos_emb ran on fastnets' rope kernel
 MODELS = {
     "transformers-t5": (_hf_t5, dict(functional=True), (), 0.95, _TRAIN),   # CrossEntropyLoss built in forward
     "transformers-vit": (_hf_vit, {}, (), 0.95, _TRAIN),
     "transformers-gpt2": (_hf_gpt2, {}, (), 0.95, _TRAIN),
-    "transformers-llama": (_hf_llama, {}, (), 0.95, _TRAIN),
+    "transformers-llama": (_hf_llama, _ROPE, (), 0.95, _TRAIN),
+    "transformers-mistral-sliding-window": (_hf_mistral, _ROPE, (), 0.95, _TRAIN),
+    "transformers-qwen2": (_hf_qwen2, _ROPE, (), 0.95, _TRAIN),
+    "transformers-gemma": (_hf_gemma, _ROPE, (), 0.95, _TRAIN),
+    "transformers-roberta-mlm": (_hf_roberta, dict(functional=True), (), 0.95, _TRAIN),   # inline gelu + loss
+    "transformers-siglip": (_hf_siglip, {}, (), 0.95, _TRAIN),
+    "transformers-wav2vec2": (_hf_wav2vec2, {}, (), 0.95, _TRAIN),
     "transformers-bert-classifier": (_hf_bert_classifier, {}, (), 0.95, _TRAIN),
     "transformers-whisper": (_hf_whisper, dict(functional=True), (), 0.95, _TRAIN),
     "transformers-clip": (_hf_clip, {}, (), 0.95, _TRAIN),
@@ -416,6 +479,67 @@ def test_norms_recognised_by_behaviour(kind):
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
     _check_module(nn.Sequential(norm), x, "norm.by_behaviour", op)
+
+
+def _llama_attention():
+    torch.manual_seed(0)
+    model, _, _ = _hf_llama()
+    return model
+
+
+def test_rotary_rule_takes_the_hub_hook_and_unswap_removes_it():
+    model = _llama_attention().to(DEVICE)
+    attn = model.model.layers[0].self_attn
+    wrapper = attn._kernel_funcs["rotary_pos_emb"]
+    rotary = transformers.models.llama.modeling_llama.apply_rotary_pos_emb
+    q, k = torch.randn(2, 4, 5, 8, device=DEVICE), torch.randn(2, 2, 5, 8, device=DEVICE)
+    ids = torch.arange(5, device=DEVICE)[None].expand(2, 5)
+    cos, sin = model.model.rotary_emb(q, ids)
+    want = rotary(q, k, cos, sin)
+    report = fastnets.swap(model, include=["transformers.rotary"])
+    assert [r for *_, r in report.replaced] == ["transformers.rotary"] and "forward" in wrapper.__dict__
+    with expect_backend("apply_rotary_emb"):
+        got = wrapper(q, k, cos, sin)
+        got_bshd = wrapper(q.transpose(1, 2), k.transpose(1, 2), cos, sin, unsqueeze_dim=2)
+    for g, w in zip(got + tuple(t.transpose(1, 2) for t in got_bshd), want + want):
+        assert_close(g, w, torch.float32, "rotary")
+    # what the kernel does not take runs the model's own function: float64 tables would
+    # promote a float32 q, so they go to torch (same result, no rope call)
+    before = fastnets._dispatch.calls[("apply_rotary_emb", KERNEL_BACKEND)]
+    promoted = wrapper(q, k, cos.double(), sin.double())
+    assert promoted[0].dtype == torch.float64
+    assert fastnets._dispatch.calls[("apply_rotary_emb", KERNEL_BACKEND)] == before
+    fastnets.unswap(model)
+    assert "forward" not in wrapper.__dict__
+    # a model whose attention has no hook (kernels not installed): listed, not silent
+    del attn.__dict__["_kernel_funcs"]
+    report = fastnets.swap(model)
+    assert ("model.layers.0.self_attn", "LlamaAttention", "rotary") in {u[:3] for u in report.uncovered}
+
+
+def test_rotary_probe_tells_the_forms_apart():
+    from fastnets.integrations.transformers import _probe_rotary
+
+    def neox(q, k, cos, sin, unsqueeze_dim=1):
+        rot = lambda x: torch.cat((-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]), -1)
+        c, s = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return q * c + rot(q) * s, k * c + rot(k) * s
+
+    def gptj(q, k, cos, sin):
+        rot = lambda x: torch.stack((-x[..., 1::2], x[..., 0::2]), -1).flatten(-2)
+        c, s = cos[:, None], sin[:, None]
+        return q * c + rot(q) * s, k * c + rot(k) * s
+
+    def not_rotary(q, k, cos, sin):
+        return q * cos[:, None], k
+
+    def other_arguments(q, k, cos, sin, mrope_section):
+        return q, k
+
+    assert _probe_rotary(neox) | {"signature": None} == dict(interleaved=False, partial=False, unsqueeze_dim=True,
+                                                               signature=None)
+    assert _probe_rotary(gptj)["interleaved"] and not _probe_rotary(gptj)["unsqueeze_dim"]
+    assert _probe_rotary(not_rotary) is None and _probe_rotary(other_arguments) is None
 
 
 def test_strict_raises_and_names_what_stays_on_torch():

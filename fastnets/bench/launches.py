@@ -338,6 +338,10 @@ def _transformer_cases(case):
         case("rope partial, position_ids, bshd")
         rope.rope(meta(4, 2048, 32, 80, dtype=dtype).transpose(1, 2), meta(4096, 20), meta(4096, 20),
                   meta(4, 2048, dtype=torch.int64), 0, False, False)
+        case("rope full per-token tables (Hugging Face's)")
+        hf_cos = meta(4, 2048, 128, dtype=dtype)
+        for conj in (False, True):
+            rope.rope(x, hf_cos, hf_cos, None, 0, False, conj, True)
         for vocab in (50257, 32000):
             case(f"cross_entropy V={vocab}")
             logits, t = meta(4096, vocab, dtype=dtype), meta(4096, dtype=torch.int64)

@@ -16,7 +16,9 @@ registry appeared in transformers 4.48).
 """
 from __future__ import annotations
 
+import inspect
 import sys
+import types
 from typing import Optional
 
 import torch
@@ -241,11 +243,176 @@ def _loss_revert(m: nn.Module, saved: dict) -> None:
         m.__dict__.pop("_loss_function", None)
 
 
+# --- rotary embeddings, through the kernels package's per-instance function hook -----------------
+#
+# transformers' attention modules call a module-level apply_rotary_pos_emb(q, k, cos, sin).
+# With Hugging Face's `kernels` package installed (transformers >= 5 depends on it) that
+# function is a hub "Func" and each attention instance owns a private wrapper of it
+# (`module._kernel_funcs["rotary_pos_emb"]`, from @use_kernelized_func), which the call
+# is routed to while that instance's forward runs (eager and torch.compile): the
+# transformers-native place to plug a kernel in, per instance and reversibly. The rule sets
+# the wrapper's forward, as `kernels.kernelize` does, and unswap() removes it.
+
+# The wrappers' keys: the function's __name__ or, for a hub Func (which has none), its
+# kernel layer name (transformers names it "rotary_pos_emb").
+_ROTARY_FUNCS = ("rotary_pos_emb", "apply_rotary_pos_emb")
+_ROTARY_SPECS: dict = {}   # the original function -> what _probe_rotary found (None: not rotary)
+
+
+def _hub_func_original(wrapper) -> Optional[object]:
+    """The plain function a kernels-hub Func module wraps (held in its forward's closure)."""
+    fwd = getattr(type(wrapper), "forward", None)
+    for name, cell in zip(getattr(getattr(fwd, "__code__", None), "co_freevars", ()), getattr(fwd, "__closure__", None) or ()):
+        if name == "func":
+            return cell.cell_contents
+    return None
+
+
+def _rotary_reference(q, cos, sin, interleaved: bool, unsqueeze_dim: int):
+    """transformers' q * cos + rotate_half(q) * sin on the first R dims (R = cos's last dim)."""
+    c, s = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    R = cos.shape[-1]
+    rot, rest = q[..., :R], q[..., R:]
+    if interleaved:
+        half = torch.stack((-rot[..., 1::2], rot[..., 0::2]), -1).flatten(-2)
+    else:
+        half = torch.cat((-rot[..., R // 2:], rot[..., :R // 2]), -1)
+    return torch.cat((rot * c + half * s, rest), -1)
+
+
+def _probe_rotary(func) -> Optional[dict]:
+    """What a model's apply_rotary_pos_emb computes, found by running it (float64, random
+    tables whose halves differ, so every entry's role is pinned down): half-split or
+    interleaved pairs, whether a table narrower than the head rotates only its first dims
+    (partial rotary) and whether it takes unsqueeze_dim=2 ((B, S, H, D) inputs). None when it
+    is neither form or takes arguments fastnets does not know."""
+    if func in _ROTARY_SPECS:
+        return _ROTARY_SPECS[func]
+    spec = None
+    try:
+        params = list(inspect.signature(func).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    rest = params[4:]
+    if len(params) >= 4 and all(p.default is not inspect.Parameter.empty for p in rest) and {
+            p.name for p in rest} <= {"position_ids", "unsqueeze_dim"}:
+        gen = torch.Generator().manual_seed(0)
+        q, k = (torch.randn(2, 2, 3, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+        cos, sin = (torch.randn(2, 3, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+
+        def matches(c, s, interleaved, dim=1, q=q, k=k):
+            try:
+                with torch.no_grad():
+                    got = func(q, k, c, s) if dim == 1 else func(q, k, c, s, unsqueeze_dim=dim)
+                return all(torch.allclose(g, _rotary_reference(t, c, s, interleaved, dim))
+                           for g, t in zip(got, (q, k)))
+            except Exception:   # another shape contract or another formula: not this form
+                return False
+
+        for interleaved in (False, True):
+            if matches(cos, sin, interleaved):
+                spec = {"interleaved": interleaved, "partial": matches(cos[..., :4], sin[..., :4], interleaved),
+                        "unsqueeze_dim": "unsqueeze_dim" in {p.name for p in rest} and matches(
+                            cos, sin, interleaved, 2, q=q.transpose(1, 2), k=k.transpose(1, 2)),
+                        "signature": inspect.signature(func)}
+                break
+    _ROTARY_SPECS[func] = spec
+    return spec
+
+
+def _fastnets_rotary_forward(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *args, **kwargs):
+    """apply_rotary_pos_emb on fastnets' rope kernel (one pass each for q and k, the tables as
+    transformers built them: tables="full"). Anything else (other table shapes, dtypes that
+    would promote, tables that need a gradient) goes to the model's own function. `self` is
+    the instance's wrapper or, under torch.compile, the module-level Func: nothing is read
+    from it but the function it wraps."""
+    func = _hub_func_original(self)
+    spec = _probe_rotary(func)
+    unsqueeze_dim = 1
+    if args or kwargs:
+        bound = spec["signature"].bind(q, k, cos, sin, *args, **kwargs)
+        unsqueeze_dim = bound.arguments.get("unsqueeze_dim", 1)
+    R = cos.shape[-1] if cos.dim() else 0
+    ok = (q.dim() == 4 and k.dim() == 4 and cos.dim() == 3 and sin.shape == cos.shape and q.is_floating_point()
+          and q.dtype == k.dtype == cos.dtype == sin.dtype and cos.device == q.device == k.device
+          and (unsqueeze_dim == 1 or (unsqueeze_dim == 2 and spec["unsqueeze_dim"])) and R > 0 and R % 2 == 0
+          and (R == q.shape[-1] or (spec["partial"] and R < q.shape[-1])) and q.shape[-1] == k.shape[-1]
+          and not (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)))
+    if not ok:
+        return func(q, k, cos, sin, *args, **kwargs)
+    return ops.rope(q, k, cos, sin, spec["interleaved"], layout="bhsd" if unsqueeze_dim == 1 else "bshd",
+                    tables="full")
+
+
+def _rotary_wrappers(m: nn.Module) -> dict:
+    """{function name: the instance's hub wrapper} for the rotary functions fastnets takes."""
+    funcs = m.__dict__.get("_kernel_funcs")
+    if not isinstance(funcs, dict):
+        return {}
+    out = {}
+    for name in _ROTARY_FUNCS:
+        w = funcs.get(name)
+        if isinstance(w, nn.Module) and "forward" not in w.__dict__ and _probe_rotary(_hub_func_original(w)):
+            out[name] = w
+    return out
+
+
+def _rotary_find(model: nn.Module) -> list:
+    return [Match((name,)) for name, m in model.named_modules() if _from_transformers(m) and _rotary_wrappers(m)]
+
+
+def _rotary_convert(model: nn.Module, match) -> dict:
+    m = model.get_submodule(match.names[0])
+    names = []
+    for name, w in _rotary_wrappers(m).items():
+        w.forward = types.MethodType(_fastnets_rotary_forward, w)
+        names.append(name)
+    return {match.names[0]: {"funcs": names}}
+
+
+def _rotary_revert(m: nn.Module, saved: dict) -> None:
+    for name in saved["funcs"]:
+        m.__dict__["_kernel_funcs"][name].__dict__.pop("forward", None)
+
+
+def _calls_rotary(cls: type) -> bool:
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "apply_rotary_pos_emb(" in source
+
+
+def _rotary_misses(model: nn.Module) -> list:
+    """Attention modules whose rotary embedding stays on torch: no per-instance hook to take
+    it (the `kernels` package is not installed, or the class is not decorated), or a function
+    the probe does not recognise (another formula)."""
+    out = []
+    for name, m in model.named_modules():
+        if not _from_transformers(m):
+            continue
+        funcs = m.__dict__.get("_kernel_funcs")
+        if funcs is None and _calls_rotary(type(m)):
+            out.append((name, type(m).__name__, "rotary", "its forward calls apply_rotary_pos_emb, reachable only "
+                        "through the kernels package's per-instance hook (pip install kernels)"))
+        elif isinstance(funcs, dict):
+            for key in _ROTARY_FUNCS:
+                w = funcs.get(key)
+                if isinstance(w, nn.Module) and "forward" not in w.__dict__ and not _probe_rotary(
+                        _hub_func_original(w)):
+                    out.append((name, type(m).__name__, "rotary", f"its {key} is not transformers' rotate_half "
+                                "form on a probe input (half-split or interleaved, full tables)"))
+    return out
+
+
 RULES = [
     Rule("transformers.attention", _top_models, _attention_convert,
                lambda m, saved: _set_attention(m, saved["attn_implementation"]),
                target='attn_implementation="fastnets"', changes_class=False, covers=_attention_modules,
                note="attention on fastnets' flash kernels (output_attentions=True and softcap raise)"),
+    Rule("transformers.rotary", _rotary_find, _rotary_convert, _rotary_revert, changes_class=False,
+         misses=_rotary_misses, target="fastnets rope (apply_rotary_pos_emb through the kernels hub hook)",
+         note="apply_rotary_pos_emb on fastnets' rope kernel for this instance (the kernels package's hook)"),
     Rule("transformers.rms_norm", lambda model: _find(model, _is_rms_norm),
                lambda model, match: _reclass(model, match, _rms_forward, _fastnets_offset=(
                    1.0 if type(model.get_submodule(match.names[0])).__name__.startswith("Gemma") else 0.0)),
@@ -281,7 +448,7 @@ RULES = [
 for _rule in RULES:
     register_rule(_rule)
 
-GROUPS = {"attention": ("transformers.attention",),
+GROUPS = {"attention": ("transformers.attention", "transformers.rotary"),
           "norms": ("transformers.rms_norm", "torch.nn.modules.normalization.LayerNorm"),
           "mlp": ("transformers.gated_mlp", "transformers.gpt2_mlp", "transformers.bert_intermediate",
                   "transformers.clip_mlp", "activation"),

@@ -11,12 +11,15 @@ def rope_cos_sin(seqlen: int, rotary_dim: int, base: float = 10000.0, device=Non
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rotary_emb(x, cos, sin, interleaved=False, position_ids=None, seqlen_offset=0, layout="bhsd"):
-    """x (B, H, S, D) ("bhsd") or (B, S, H, D) ("bshd"); cos/sin (positions, R/2) or (B, S, R/2)."""
+def apply_rotary_emb(x, cos, sin, interleaved=False, position_ids=None, seqlen_offset=0, layout="bhsd",
+                     tables="half"):
+    """x (B, H, S, D) ("bhsd") or (B, S, H, D) ("bshd"); cos/sin (positions, R/2) or (B, S, R/2),
+    or with tables="full" (positions, R) / (B, S, R): one entry per rotated dim, as Hugging
+    Face builds them (y = x * cos + rotate_half(x) * sin on the rotated dims)."""
     xb = x.transpose(1, 2) if layout == "bshd" else x
     B, H, S, D = xb.shape
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    r2 = cos.shape[-1]
+    r2 = cos.shape[-1] // 2 if tables == "full" else cos.shape[-1]
     if cos.dim() == 3:
         c, s_ = cos.to(acc)[:, None], sin.to(acc)[:, None]
     elif position_ids is not None:
@@ -27,11 +30,16 @@ def apply_rotary_emb(x, cos, sin, interleaved=False, position_ids=None, seqlen_o
         s_ = sin.to(acc)[seqlen_offset:seqlen_offset + S]
     xf = xb.to(acc)
     rot, rest = xf[..., :2 * r2], xf[..., 2 * r2:]
-    if interleaved:
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+    def pairs(t):
+        return (t[..., 0::2], t[..., 1::2]) if interleaved else (t[..., :r2], t[..., r2:])
+
+    x1, x2 = pairs(rot)
+    if tables == "full":
+        (c1, c2), (s1, s2) = pairs(c), pairs(s_)
     else:
-        x1, x2 = rot[..., :r2], rot[..., r2:]
-    y1, y2 = x1 * c - x2 * s_, x2 * c + x1 * s_
+        c1 = c2 = c
+        s1 = s2 = s_
+    y1, y2 = x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
     y = torch.stack((y1, y2), -1).flatten(-2) if interleaved else torch.cat((y1, y2), -1)
     y = torch.cat((y, rest), -1).to(x.dtype)
     return y.transpose(1, 2) if layout == "bshd" else y
