@@ -113,12 +113,12 @@ def test_empty_inputs_count_as_torch():
 
 
 def test_module_fallbacks_go_through_dispatch(monkeypatch):
-    """nn.MultiheadAttention's need_weights=True runs torch: warned, counted, reported."""
-    mha = fastnets.nn.MultiheadAttention(8, 2).to(DEVICE)
+    """nn.MultiheadAttention with add_bias_kv runs torch: warned, counted, reported."""
+    mha = fastnets.nn.MultiheadAttention(8, 2, add_bias_kv=True).to(DEVICE)
     x = torch.randn(3, 2, 8, device=DEVICE)
     before = _dispatch.calls[("scaled_dot_product_attention", "torch")]
-    with pytest.warns(UserWarning, match="need_weights=True"):
+    with pytest.warns(UserWarning, match="add_bias_kv"):
         mha(x, x, x)
     assert _dispatch.calls[("scaled_dot_product_attention", "torch")] == before + 1
     row = next(r for r in fastnets.backend_report(DEVICE) if r["op"] == "scaled_dot_product_attention")
-    assert any("need_weights=True" in f for f in row["fallbacks_seen"])
+    assert any("add_bias_kv" in f for f in row["fallbacks_seen"])

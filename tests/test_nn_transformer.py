@@ -69,12 +69,39 @@ def test_mha_cross_attention_kdim_vdim_and_unbatched():
     _compare(mha, fast, [q, k, v], call, "mha unbatched")
 
 
-def test_mha_need_weights_falls_back_with_warning():
-    mha = nn.MultiheadAttention(16, 2, batch_first=True).to(DEVICE)
+@pytest.mark.parametrize("average", [True, False])
+def test_mha_need_weights_runs_the_flash_kernels_and_returns_torch_weights(average):
+    """need_weights=True (torch's default): the output on the flash kernels, the weights as
+    torch returns them (masks, per head or averaged, unbatched), gradients through both."""
+    E, H, N, L, S = 16, 2, 2, 4, 6
+    mha = nn.MultiheadAttention(E, H, batch_first=True).to(DEVICE)
+    fast = _fast(mha)
+    q, kv = torch.randn(N, L, E, device=DEVICE), torch.randn(N, S, E, device=DEVICE)
+    kpm = torch.tensor([[0] * S, [0] * 4 + [1] * 2], dtype=torch.bool, device=DEVICE)
+    float_mask = torch.randn(L, S, device=DEVICE)
+    for kw in (dict(key_padding_mask=kpm), dict(attn_mask=float_mask), {}):
+        def call(m, a, kw=kw):
+            kw = {k: v.to(a[0].dtype) if v.is_floating_point() else v for k, v in kw.items()}
+            return torch.cat([t.flatten() for t in m(a[0], a[1], a[1], average_attn_weights=average, **kw)])
+        _compare(mha, fast, [q, kv], call, f"mha need_weights {sorted(kw)}")
+    with expect_backend("scaled_dot_product_attention"):
+        out, w = fast(q[0], kv[0], kv[0], average_attn_weights=average)
+    ref, w_ref = copy.deepcopy(mha).double()(q[0].double(), kv[0].double(), kv[0].double(),
+                                             average_attn_weights=average)
+    assert w.shape == w_ref.shape
+    assert_close(out, ref, torch.float32, "unbatched out")
+    assert_close(w, w_ref, torch.float32, "unbatched weights")
+
+
+def test_mha_need_weights_with_dropout_in_training_falls_back_with_warning():
+    """The weights torch returns in training are the dropped-out ones its output used: torch's path."""
+    mha = nn.MultiheadAttention(16, 2, dropout=0.5, batch_first=True).to(DEVICE)
     fast = _fast(mha)
     x = torch.randn(2, 4, 16, device=DEVICE)
-    with pytest.warns(UserWarning, match="need_weights=True"):
+    with pytest.warns(UserWarning, match="need_weights=True and dropout"):
+        torch.manual_seed(0)
         out, w = fast(x, x, x)
+    torch.manual_seed(0)
     ref, w_ref = mha(x, x, x)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(w, w_ref)

@@ -383,6 +383,15 @@ def _calls_rotary(cls: type) -> bool:
     return "apply_rotary_pos_emb(" in source
 
 
+def _kernels_installed() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("kernels") is not None
+
+
+_NO_HOOK = ("its forward calls the module-level apply_rotary_pos_emb, which fastnets takes only through the kernels "
+            "package's per-instance hook: {}")
+
+
 def _rotary_misses(model: nn.Module) -> list:
     """Attention modules whose rotary embedding stays on torch: no per-instance hook to take
     it (the `kernels` package is not installed, or the class is not decorated), or a function
@@ -393,8 +402,9 @@ def _rotary_misses(model: nn.Module) -> list:
             continue
         funcs = m.__dict__.get("_kernel_funcs")
         if funcs is None and _calls_rotary(type(m)):
-            out.append((name, type(m).__name__, "rotary", "its forward calls apply_rotary_pos_emb, reachable only "
-                        "through the kernels package's per-instance hook (pip install kernels)"))
+            out.append((name, type(m).__name__, "rotary", _NO_HOOK.format(
+                "transformers does not decorate this class with use_kernelized_func" if _kernels_installed()
+                else "the kernels package is not installed (pip install kernels)")))
         elif isinstance(funcs, dict):
             for key in _ROTARY_FUNCS:
                 w = funcs.get(key)

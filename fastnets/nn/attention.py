@@ -39,20 +39,26 @@ def _merge_masks(attn_mask, key_padding_mask, N: int, H: int, L: int, S: int, dt
 class MultiheadAttention(nn.MultiheadAttention):
     """``torch.nn.MultiheadAttention`` with the attention itself on fastnets' flash kernels.
 
-    Fast path: ``need_weights=False`` (what TransformerEncoderLayer / DecoderLayer pass).
-    ``need_weights=True`` (torch's default), ``add_bias_kv`` and ``add_zero_attn`` need
-    the attention matrix or extra tokens and run torch's implementation, with a warning
-    once. Masks follow torch's convention (bool True = masked out). Rows whose keys are
-    all masked give zeros rather than torch's NaN.
+    The output always comes from the flash kernels. ``need_weights=True`` (torch's default:
+    SigLIP's pooling head, most user code) also returns the attention weights, formed beside
+    the flash output only then (softmax(q k^T * scale + mask), averaged over heads unless
+    ``average_attn_weights=False``; differentiable, torch's values). Training-mode dropout with
+    need_weights, ``add_bias_kv`` and ``add_zero_attn`` run torch's implementation, with a
+    warning once: there the returned weights are the dropped-out ones the output used, or
+    the keys include extra tokens. Masks follow torch's convention (bool True = masked out).
+    Rows whose keys are all masked give a zero output rather than torch's NaN (the weights,
+    as torch's, are NaN there).
     """
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
-        if need_weights or self.bias_k is not None or self.add_zero_attn:
-            why = "need_weights=True" if need_weights else "add_bias_kv / add_zero_attn"
-            _dispatch.fallback("scaled_dot_product_attention", f"nn.MultiheadAttention with {why} needs the "
-                               "attention matrix (pass need_weights=False for the flash kernels)")
+        dropout = self.dropout if self.training else 0.0
+        if (need_weights and dropout > 0) or self.bias_k is not None or self.add_zero_attn:
+            why = ("need_weights=True and dropout in training (the weights returned are the dropped-out ones)"
+                   if need_weights and dropout > 0 else "add_bias_kv / add_zero_attn (extra key tokens)")
+            _dispatch.fallback("scaled_dot_product_attention", f"nn.MultiheadAttention with {why} runs torch's "
+                               "implementation")
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                    is_causal=is_causal)
@@ -86,10 +92,24 @@ class MultiheadAttention(nn.MultiheadAttention):
         v = v.reshape(S, N, H, Dh).permute(1, 2, 0, 3)
         causal = is_causal and key_padding_mask is None
         mask = None if causal else _merge_masks(attn_mask, key_padding_mask, N, H, L, S, q.dtype)
-        out = ops.scaled_dot_product_attention(q, k, v, mask, self.dropout if self.training else 0.0,
-                                               is_causal=causal)
+        out = ops.scaled_dot_product_attention(q, k, v, mask, dropout, is_causal=causal)
         out = out.permute(2, 0, 1, 3).reshape(L, N, E)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        weights = None
+        if need_weights:
+            weights = _attention_weights(q, k, _merge_masks(attn_mask, key_padding_mask, N, H, L, S, q.dtype),
+                                         average_attn_weights)
         if unbatched:
-            return out.squeeze(1), None
-        return (out.transpose(0, 1) if self.batch_first else out), None
+            return out.squeeze(1), (None if weights is None else weights.squeeze(0))
+        return (out.transpose(0, 1) if self.batch_first else out), weights
+
+
+def _attention_weights(q: Tensor, k: Tensor, mask: Optional[Tensor], average: bool) -> Tensor:
+    """torch.nn.MultiheadAttention's returned weights: softmax(q k^T / sqrt(d) + mask),
+    (N, H, L, S), averaged over heads when `average`. Only formed when asked: the flash
+    kernels that computed the output never hold this matrix."""
+    scores = torch.matmul(q * (q.shape[-1] ** -0.5), k.transpose(-2, -1))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    weights = torch.softmax(scores, dim=-1)
+    return weights.mean(dim=1) if average else weights
