@@ -35,10 +35,29 @@ class _LeafTracer(torch.fx.Tracer):
         return type(m).__module__.startswith("fastnets.nn") or super().is_leaf_module(m, qualname)
 
 
-def _fx_chains(model: nn.Module) -> list[Chain] | None:
+def _traced(model: nn.Module):
+    """fx graph of model's forward, or None. Tracing runs the forward on proxies, and a forward
+    that stores what it computes on its module (nn.LSTM refreshes `_flat_weights` from
+    getattr, which returns proxies while tracing) would keep them: every module's attribute
+    dict is put back as it was, whether the trace succeeds or not."""
+    saved = [(m, dict(m.__dict__)) for m in model.modules()]
     try:
-        graph = _LeafTracer().trace(model)
+        return _LeafTracer().trace(model)
     except Exception:  # dynamic control flow, non-tensor inputs, ...: not traceable
+        return None
+    finally:
+        for m, state in saved:   # compared by identity: a proxy has no truth value
+            if m.__dict__.keys() != state.keys() or any(m.__dict__[k] is not v for k, v in state.items()):
+                m.__dict__.clear()
+                m.__dict__.update(state)
+
+
+def _fx_chains(model: nn.Module) -> list[Chain] | None:
+    kinds = {type(m) for m in model.modules()}
+    if not any(issubclass(k, nn.Conv2d) for k in kinds) or not any(issubclass(k, nn.BatchNorm2d) for k in kinds):
+        return []   # no chain to find: nothing to trace
+    graph = _traced(model)
+    if graph is None:
         return None
     modules = dict(model.named_modules())
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")

@@ -399,7 +399,9 @@ RULES: list[Rule] = [
     class_rule(nn.AvgPool2d, fnn.AvgPool2d),
     class_rule(nn.AdaptiveAvgPool2d, fnn.AdaptiveAvgPool2d),
     class_rule(nn.AdaptiveMaxPool2d, fnn.AdaptiveMaxPool2d),
-    class_rule(nn.MultiheadAttention, fnn.MultiheadAttention),
+    class_rule(nn.MultiheadAttention, fnn.MultiheadAttention,
+               note="the output on the flash kernels; with need_weights=True (torch's default) the weights it "
+                    "returns are formed beside it by torch's softmax"),
     class_rule(nn.TransformerEncoder, fnn.TransformerEncoder,
                note="nested-tensor path off: fastnets attention takes the padding mask (padded outputs zeroed "
                     "where torch would have nested)"),

@@ -219,8 +219,8 @@ def _ids(vocab, shape=(2, 9)):
     return torch.randint(1, vocab, shape)
 
 
-def _image(dtype, size=16):
-    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
+def _image(dtype, size=16, batch=2):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
 
 
 def _hf_t5():
@@ -352,6 +352,88 @@ def _tv_convnext():
     return m, lambda dt: dict(x=_image(dt)), lambda o: o.square().mean()
 
 
+def _tv_resnet():
+    # torchvision's ResNet has fixed widths (64..512): the smallest one, one block a stage. Its
+    # last stage is 1 x 1 here: a training-mode BN over a batch of 2 normalises two values to
+    # +-1 whatever they are, so the gradient under it is rounding noise (in torch as in
+    # fastnets): 6 images keep every BN well conditioned.
+    m = torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=5)
+    return m, lambda dt: dict(x=_image(dt, 8, batch=6)), lambda o: o.square().mean()
+
+
+def _tv_vgg_bn():
+    # VGG's classifier takes 512 x 7 x 7 features: the last stage keeps 512 channels
+    from torchvision.models.vgg import VGG, make_layers
+    m = VGG(make_layers([8, "M", 16, "M", 512, "M"], batch_norm=True), num_classes=5, dropout=0.0)
+    m.classifier[0], m.classifier[3] = nn.Linear(512 * 49, 32), nn.Linear(32, 32)   # 100M-parameter GEMMs
+    m.classifier[6] = nn.Linear(32, 5)
+    return m, lambda dt: dict(x=_image(dt)), lambda o: o.square().mean()
+
+
+def _tv_efficientnet():
+    from torchvision.models.efficientnet import EfficientNet, _efficientnet_conf
+    setting, last = _efficientnet_conf("efficientnet_b0", width_mult=0.1, depth_mult=0.1)
+    m = EfficientNet(setting, dropout=0.0, num_classes=5, last_channel=last, stochastic_depth_prob=0.0)
+    return m, lambda dt: dict(x=_image(dt, 32, batch=4)), lambda o: o.square().mean()
+
+
+def _timm_resnet():
+    from timm.models.resnet import BasicBlock, ResNet
+    m = ResNet(BasicBlock, [1, 1, 1, 1], channels=(8, 16, 16, 16), stem_width=8, num_classes=5)
+    return m, lambda dt: dict(x=_image(dt)), lambda o: o.square().mean()
+
+
+def _timm_efficientnet():
+    from timm.models.efficientnet import _gen_efficientnet
+    m = _gen_efficientnet("efficientnet_b0", channel_multiplier=0.1, depth_multiplier=0.1, pretrained=False,
+                          num_classes=5)
+    return m, lambda dt: dict(x=_image(dt, 32, batch=4)), lambda o: o.square().mean()
+
+
+def _diffusers_unet():
+    m = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                              layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                              up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=4)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 50], device=DEVICE)
+    return m, lambda dt: dict(sample=x.to(DEVICE, dt), timestep=t), lambda o: o.sample.square().mean()
+
+
+def _diffusers_vae():
+    m = diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                latent_channels=4, norm_num_groups=4, sample_size=8)
+    x = torch.randn(2, 3, 8, 8)
+    return m, lambda dt: dict(sample=x.to(DEVICE, dt)), lambda o: o.sample.square().mean()
+
+
+def _seq(dtype, features=8):
+    return torch.randn(2, 5, features, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype)
+
+
+def _torch_lstm():
+    return nn.LSTM(8, 16, num_layers=2, batch_first=True), lambda dt: dict(input=_seq(dt)), \
+        lambda o: o[0].square().mean()
+
+
+def _torch_gru():
+    return nn.GRU(8, 16, batch_first=True, bidirectional=True), lambda dt: dict(input=_seq(dt)), \
+        lambda o: o[0].square().mean()
+
+
+def _torch_transformer_encoder():
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2], device=DEVICE)
+    return (nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
+            lambda dt: dict(src=_seq(dt, 16), src_key_padding_mask=pad), lambda o: o.square().mean())
+
+
+def _torch_mha():
+    # torch's default need_weights=True: the output on the flash kernels, the weights beside it
+    x = lambda dt: _seq(dt, 16)  # noqa: E731
+    return (nn.MultiheadAttention(16, 2, batch_first=True), lambda dt: dict(query=x(dt), key=x(dt), value=x(dt)),
+            lambda o: o[0].square().mean() + o[1].square().mean())
+
+
 def _tv_mobilenet():
     m = torchvision.models.mobilenet_v3_small(weights=None, num_classes=5, width_mult=0.25)
     return m, lambda dt: dict(x=_image(dt)), lambda o: o.square().mean()
@@ -401,16 +483,30 @@ MODELS = {
     "transformers-clip": (_hf_clip, {}, (), 0.95, _TRAIN),
     "torchvision-vit": (_tv_vit, {}, (), 0.95, _TRAIN),
     "torchvision-densenet": (_tv_densenet, {}, (), 0.95, _BOTH),
+    "torchvision-resnet": (_tv_resnet, {}, (), 0.95, _BOTH),
+    "torchvision-vgg-bn": (_tv_vgg_bn, {}, (), 0.95, _BOTH),
+    "timm-resnet": (_timm_resnet, {}, (), 0.95, _BOTH),
+    "diffusers-unet": (_diffusers_unet, {}, (), 0.95, _TRAIN),
+    "torch-lstm": (_torch_lstm, {}, (), 0.95, _TRAIN),
+    "torch-gru": (_torch_gru, {}, (), 0.95, _TRAIN),
+    "torch-transformer-encoder": (_torch_transformer_encoder, {}, (), 0.95, _TRAIN),
+    # need_weights=True: the weights the caller asked for are torch's softmax of q k^T, beside the
+    # flash output (the kernels never form that matrix): 20% of this tiny layer's bytes
+    "torch-multihead-attention": (_torch_mha, {}, (), 0.75, _TRAIN),
+    "diffusers-vae": (_diffusers_vae, {}, (), 0.95, _TRAIN),
     "timm-vit": (_timm_vit, dict(functional=True), (), 0.95, _TRAIN),   # timm's Attention calls F.sdpa inline
     "diffusers-unet-conditional": (_diffusers_unet_conditional, {}, (), 0.95, _TRAIN),
     "torchvision-convnext": (_tv_convnext, {}, (), 0.95, _TRAIN),   # LayerNorm2d: a norm found by behaviour
     "timm-convnext": (_timm_convnext, {}, (), 0.95, _TRAIN),
 }
-# MobileNetV3's depthwise convolutions and squeeze-excitation blocks take about 10 minutes
-# under Triton's interpreter (570 s on one core, passing): it runs where the kernels are
-# compiled, on a GPU.
+# The depthwise CNNs' convolutions and squeeze-excitation blocks take 6 to 10 minutes each
+# under Triton's interpreter (MobileNetV3 570 s on one core; both EfficientNets 350-400 s at
+# 8 x 8, passing in eval mode): they run where the kernels are compiled, on a GPU, at 32 x 32
+# with 4 images so every training-mode BN normalises more than two values.
 GPU_MODELS = {
     "torchvision-mobilenet-v3": (_tv_mobilenet, {}, _NO_HARD, 0.5, _BOTH),
+    "torchvision-efficientnet": (_tv_efficientnet, {}, (), 0.95, _BOTH),
+    "timm-efficientnet": (_timm_efficientnet, {}, (), 0.95, _BOTH),
 }
 
 
@@ -707,3 +803,38 @@ def test_eval_mode_fold_under_autograd_copies_no_weights():
         model(x).sum().backward()
     weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 4)
     assert counter.bytes < weights / 50, (counter.bytes, weights)
+
+
+# --- torch.compile of swapped models -----------------------------------------------------------------
+
+@pytest.mark.parametrize("name,swap_kwargs,ops_in_graph", [
+    ("transformers-llama", {}, ("fastnets.rope", "fastnets.flash_attn_fwd", "fastnets.row_norm_fwd")),
+    ("timm-vit", dict(functional=True), ("fastnets.flash_attn_fwd", "fastnets.row_norm_fwd")),
+    ("torchvision-densenet", dict(memory_format="channels_last"), ("fastnets.conv2d_fwd", "fastnets.batch_norm_fwd")),
+])
+def test_swapped_model_compiles_without_graph_breaks(name, swap_kwargs, ops_in_graph):
+    """What swap() installs besides class changes (the rotary hub hook, FunctionalMode around
+    the forward, the channels_last boundary hooks) traces under torch.compile with no graph
+    break, the fastnets custom ops in the graph, and the same loss and gradients as eager."""
+    from test_compile import _recording_backend
+    torch.manual_seed(0)
+    build = MODELS[name][0]
+    model, make_inputs, loss_of = build()
+    model = model.to(DEVICE).train()
+    fastnets.swap(model, **swap_kwargs)
+    torch.manual_seed(1)
+    want, want_grads = _run(model, make_inputs, loss_of, True)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    seen: list = []
+    compiled = torch.compile(model, backend=_recording_backend(seen))
+    torch.manual_seed(1)
+    got, grads = _run(compiled, make_inputs, loss_of, True)
+    grads = {n.removeprefix("_orig_mod."): g for n, g in grads.items()}
+    assert grads.keys() == want_grads.keys()
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    missing = [op for op in ops_in_graph if not any(t.startswith(op) for t in seen)]
+    assert not missing, f"not in the compiled graph: {missing}"
+    assert_close(got, want.double(), torch.float32, "compiled loss")
+    for n, g in want_grads.items():
+        assert_close(grads[n], g.double(), torch.float32, f"compiled grad {n}")

@@ -257,6 +257,9 @@ def _loss_revert(m: nn.Module, saved: dict) -> None:
 # kernel layer name (transformers names it "rotary_pos_emb").
 _ROTARY_FUNCS = ("rotary_pos_emb", "apply_rotary_pos_emb")
 _ROTARY_SPECS: dict = {}   # the original function -> what _probe_rotary found (None: not rotary)
+# The hub Func class -> (its function, spec): what the forward looks up at run time, keyed by
+# a class so torch.compile traces the lookup as a constant (a closure cell would break the graph).
+_ROTARY_BY_CLASS: dict = {}
 
 
 def _hub_func_original(wrapper) -> Optional[object]:
@@ -326,8 +329,11 @@ def _fastnets_rotary_forward(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tenso
     would promote, tables that need a gradient) goes to the model's own function. `self` is
     the instance's wrapper or, under torch.compile, the module-level Func: nothing is read
     from it but the function it wraps."""
-    func = _hub_func_original(self)
-    spec = _probe_rotary(func)
+    entry = _ROTARY_BY_CLASS.get(type(self))
+    if entry is None:   # a model swapped in another process and unpickled here
+        func = _hub_func_original(self)
+        entry = _ROTARY_BY_CLASS[type(self)] = (func, _probe_rotary(func))
+    func, spec = entry
     unsqueeze_dim = 1
     if args or kwargs:
         bound = spec["signature"].bind(q, k, cos, sin, *args, **kwargs)
@@ -352,7 +358,9 @@ def _rotary_wrappers(m: nn.Module) -> dict:
     out = {}
     for name in _ROTARY_FUNCS:
         w = funcs.get(name)
-        if isinstance(w, nn.Module) and "forward" not in w.__dict__ and _probe_rotary(_hub_func_original(w)):
+        func = _hub_func_original(w) if isinstance(w, nn.Module) and "forward" not in w.__dict__ else None
+        if func is not None and _probe_rotary(func):
+            _ROTARY_BY_CLASS[type(w)] = (func, _probe_rotary(func))
             out[name] = w
     return out
 
