@@ -182,3 +182,27 @@ def test_bias_act_keeps_a_dense_layout(activation):
              peer=TORCH_ACT[activation])
     z = torch.randn(4, 6, 5, device=DEVICE).transpose(0, 2)   # dense, permuted
     assert ops.bias_act(z, None, activation).stride() == z.stride()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_relu_saves_its_output_not_its_input(bias):
+    """relu (as torch's) keeps its output for the backward, so the input it was given can be
+    freed: an out-of-place fastnets ReLU after a BN holds no more than ReLU(inplace=True)."""
+    x = torch.randn(4, 6, device=DEVICE, requires_grad=True)
+    b = torch.randn(6, device=DEVICE, requires_grad=True) if bias else None
+    z = x * 2   # the tensor relu gets: a BN output in a model
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with expect_backend("bias_act"):
+            y = ops.bias_act(z, b, "relu")
+    ptrs = {t.data_ptr() for t in saved if t.numel() > 6}
+    assert y.data_ptr() in ptrs and z.data_ptr() not in ptrs
+    g = torch.randn_like(y)
+    y.backward(g)
+    zz = (x.detach() * 2).requires_grad_()
+    bb = b.detach().clone().requires_grad_() if bias else None
+    want = F.relu(zz + bb if bias else zz)
+    want.backward(g)
+    assert_close(x.grad / 2, zz.grad.double(), torch.float32, "relu dx")
+    if bias:
+        assert_close(b.grad, bb.grad.double(), torch.float32, "relu dbias")

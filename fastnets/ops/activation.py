@@ -80,9 +80,22 @@ def _(dy, x, bias, activation, slope, impl, gain, clamp):
     return torch.empty_like(x), (torch.empty_like(bias) if bias is not None else x.new_empty((0,)))
 
 
+def _saves_output(activation: str, gain: float, clamp) -> bool:
+    """relu's derivative reads the sign of its output as well as of its input (gain > 0, no
+    clamp): save the output, as torch's relu does. The input is then free once the layer
+    before is done with it (a BN output between BN and ReLU), so out-of-place relu holds as
+    much memory as torch's ReLU(inplace=True)."""
+    return activation == "relu" and gain > 0 and clamp is None
+
+
 def _setup(ctx, inputs, output):
     x, bias, activation, slope, impl, gain, clamp = inputs
-    ctx.save_for_backward(x, bias)
+    ctx.from_output = _saves_output(activation, gain, clamp)
+    if ctx.from_output:
+        # relu'(y + 0) = relu'(x + b); a zero bias keeps the kernel's dbias column sum.
+        ctx.save_for_backward(output, None if bias is None else torch.zeros_like(bias))
+    else:
+        ctx.save_for_backward(x, bias)
     ctx.activation, ctx.slope, ctx.impl, ctx.gain, ctx.clamp = activation, slope, impl, gain, clamp
 
 
@@ -115,8 +128,9 @@ def bias_act(input: Tensor, bias: Optional[Tensor] = None, activation: str = "re
     gain / clamp (StyleGAN2's bias_act): the result is multiplied by ``gain`` and then clamped
     to [-clamp, clamp]; the gradient is torch.clamp's (zero where clamped). Triton only: the
     forced cuda backend raises for them.
-    Backward: input and bias, second derivatives too; the activation is recomputed from the
-    input (nothing extra is saved). Backends: triton (CUDA), cuda (fastnets._C, forced),
+    Backward: input and bias, second derivatives too; the activation's derivative is
+    recomputed from the input, or for relu from the output (saved instead of the input, as
+    torch's relu does: no more memory than an in-place ReLU). Backends: triton (CUDA), cuda (fastnets._C, forced),
     interpret (CPU), torch.
     """
     _checks.tensor("bias_act", "input", input, min_dim=1)
