@@ -231,6 +231,7 @@ def main(argv=None) -> dict:
         with open(args.log_json, "w") as f:
             json.dump(log, f, indent=1)
     if distributed:
+        dist.barrier()   # every rank leaves together (a torn-down gloo peer aborts the other)
         dist.destroy_process_group()
     return log
 

@@ -166,6 +166,9 @@ def _distributed_worker(rank, init_file, kind, exchange, backend, results):
         # Plain lists: a tensor sent through the queue would be read from this process after it exits.
         results.put((rank, loss.item(), (a.grad / WORLD).tolist(), (b.grad / WORLD).tolist(), [t.item() for t in grads],
                      fastnets._dispatch.calls[("clip_loss", backend)]))
+        # Both ranks leave together: a rank tearing its gloo connections down while the other
+        # still uses them aborts that process ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
