@@ -4,6 +4,8 @@ FASTNETS_BACKEND    force one backend for every op: torch | triton | cuda | inte
 FASTNETS_POISON     1: fill every output buffer a launcher allocates with NaN before the
                     kernel runs (the test-suite sets this; an unwritten element then shows)
 FASTNETS_BUILD_EXT  0: never build/JIT-build the CUDA extension (read by setup.py too)
+FASTNETS_CHECK_INDICES  1: check user indices (step indices, timesteps) of CUDA tensors on the
+                    host too, raising IndexError as for CPU tensors (one sync per call)
 FASTNETS_CACHE_DIR  where the JIT-built extension, the tuner's choices and the static kernel
                     report's compile results are cached (default ~/.cache/fastnets)
 FASTNETS_TRITON36_PATH  a folder holding Triton 3.6 (pip install --target), the Triton of the
@@ -42,6 +44,12 @@ def poison_outputs() -> bool:
 
 def build_extension_allowed() -> bool:
     return os.environ.get("FASTNETS_BUILD_EXT", "1") != "0"
+
+
+def check_indices() -> bool:
+    """FASTNETS_CHECK_INDICES=1: validate user indices of CUDA tensors on the host too (one
+    device-to-host sync per call; for debugging). CPU tensors are always checked."""
+    return _truthy(os.environ.get("FASTNETS_CHECK_INDICES"))
 
 
 def compat_triton_path() -> str | None:

@@ -106,6 +106,69 @@ def test_sampler_step_reads_the_row_the_device_index_names():
     assert not torch.equal(outs[0], outs[1])
 
 
+def _launch_unchecked(monkeypatch):
+    """What a CUDA tensor gets: no host check of the index (it would cost a sync)."""
+    from fastnets.ops import _checks
+    monkeypatch.setattr(_checks, "table_index", lambda *a, **k: None)
+
+
+def test_sampler_step_index_outside_the_table(monkeypatch):
+    """Issue 24: a step index past the table read garbage (SIGSEGV for 10**6). On CPU it raises
+    IndexError as torch's indexing does, negative indices count from the end; the kernel (what a
+    CUDA tensor runs, no host sync) reads nothing outside the table and returns NaN."""
+    x, m, coef, _, _ = _step_inputs({}, torch.float32)
+    table = coef.float().to(DEVICE)
+    steps = table.shape[0]
+    last = torch.tensor([steps - 1], device=DEVICE)
+    with expect_backend("sampler_step"):
+        want, _ = ops.sampler_step(x, m, table, last)
+        got, _ = ops.sampler_step(x, m, table, torch.tensor([-1], device=DEVICE))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if DEVICE.type == "cpu":
+        for bad in (steps, -steps - 1, 10 ** 6):
+            with pytest.raises(IndexError, match=f"step_index holds {bad}"):
+                ops.sampler_step(x, m, table, torch.tensor([bad]))
+    _launch_unchecked(monkeypatch)
+    for bad in (steps, -steps - 1, 10 ** 6, -10 ** 6):
+        for kw in ({}, dict(thresholding=(0.9, 2.0)), dict(noise=torch.randn_like(x), history=torch.zeros_like(x))):
+            with expect_backend("sampler_step"):
+                out, x0 = ops.sampler_step(x, m, table, torch.tensor([bad], device=DEVICE), return_x0=True, **kw)
+            assert torch.isnan(out).all() and torch.isnan(x0).all(), (bad, kw)
+        with fastnets.backend("torch"):
+            out, _ = ops.sampler_step(x, m, table, torch.tensor([bad], device=DEVICE))
+        assert torch.isnan(out).all()
+
+
+def test_q_sample_timesteps_outside_the_table(monkeypatch):
+    x, n = torch.randn(3, 4, device=DEVICE), torch.randn(3, 4, device=DEVICE)
+    acp = torch.linspace(0.99, 0.01, 10, device=DEVICE)
+    with expect_backend("q_sample"):
+        got = ops.q_sample(x, n, torch.tensor([-1, 0, -10], device=DEVICE), acp)
+    want = ops.q_sample(x, n, torch.tensor([9, 0, 0], device=DEVICE), acp)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    _launch_unchecked(monkeypatch)
+    xr, nr = x.clone().requires_grad_(), n.clone().requires_grad_()
+    with expect_backend("q_sample"):
+        out, v = ops.q_sample(xr, nr, torch.tensor([2, 10, -11], device=DEVICE), acp, target="v_prediction")
+    assert not torch.isnan(out[0]).any() and torch.isnan(out[1:]).all() and torch.isnan(v[1:]).all()
+    (out.nan_to_num() + v.nan_to_num()).sum().backward()
+    assert torch.isnan(xr.grad[1:]).all() and not torch.isnan(xr.grad[0]).any()
+
+
+def test_check_indices_env_checks_on_the_host(monkeypatch):
+    """CPU indices are always checked on the host; others only with FASTNETS_CHECK_INDICES=1."""
+    from fastnets.ops import _checks
+    on_gpu = torch.empty(1, dtype=torch.int64, device="meta")   # any tensor not on the CPU
+    monkeypatch.delenv("FASTNETS_CHECK_INDICES", raising=False)
+    assert _checks.host_checks(torch.tensor([1])) and not _checks.host_checks(on_gpu)
+    monkeypatch.setenv("FASTNETS_CHECK_INDICES", "1")
+    assert _checks.host_checks(on_gpu)
+    with pytest.raises(IndexError, match="idx holds 12, outside the table's 5 rows"):
+        _checks.table_index("op", "idx", torch.tensor([3, 12]), 5)
+    with pytest.raises(ValueError):   # the class fastnets raised before is still caught
+        _checks.table_index("op", "idx", torch.tensor([-6]), 5)
+
+
 def test_sampler_step_bad_input():
     x, m, coef, _, _ = _step_inputs({}, torch.float32)
     table, idx = coef.float().to(DEVICE), torch.zeros(1, dtype=torch.int64, device=DEVICE)
@@ -417,8 +480,10 @@ def test_scheduler_add_noise_and_velocity_use_the_fused_kernel():
 def test_q_sample_bad_input():
     x = torch.randn(2, 3)
     acp = torch.linspace(0.99, 0.01, 10)
-    with pytest.raises(ValueError, match="timesteps must lie in"):
+    with pytest.raises(IndexError, match="timesteps holds 10, outside the table's 10 rows"):
         ops.q_sample(x, x, torch.tensor([0, 10]), acp)
+    with pytest.raises(IndexError, match="timesteps holds -11"):
+        ops.q_sample(x, x, torch.tensor([-11, 0]), acp)
     with pytest.raises(ValueError, match="one entry per sample"):
         ops.q_sample(x, x, torch.tensor([0, 1, 2]), acp)
     with pytest.raises(ValueError, match="target must be one of"):

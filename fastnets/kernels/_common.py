@@ -11,6 +11,17 @@ import triton.language as tl
 from fastnets import _config
 
 
+@triton.jit
+def table_row(index, size):
+    """A user-supplied index into a `size`-row table, read as torch indexes (negative from the
+    end): (the row to load, whether the index was in range). An out-of-range index loads row
+    0 (never memory outside the table); the caller makes what it feeds NaN. The host checks
+    CPU tensors (ops._checks.table_index), where that costs no sync."""
+    index = tl.where(index < 0, index + size, index)
+    ok = (index >= 0) & (index < size)
+    return tl.where(ok, index, 0), ok
+
+
 def empty(shape, *, dtype: torch.dtype, device: torch.device,
           memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """Allocate a kernel output. With FASTNETS_POISON=1 it starts NaN-filled, so an element

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import acc_dtype, empty
+from ._common import acc_dtype, empty, table_row
 
 # Columns of a coefficient row, in order.
 COEFS = ("k_pre", "a_x", "a_m", "p", "q", "s", "r", "u", "lmin", "lmax")
@@ -40,22 +40,25 @@ Q_TARGETS = {"none": 0, "v_prediction": 1}
 
 @triton.jit
 def _sampler_step_kernel(X, M, Noise, Hist, Out, X0, Coef, Index, Thresh, Rescale,
-                         numel, per_sample, m_stride, cond_offset, var_offset, guidance, clip_range,
+                         numel, per_sample, m_stride, cond_offset, var_offset, guidance, clip_range, steps,
                          NCOEF: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_HIST: tl.constexpr,
                          WRITE_X0: tl.constexpr, CFG: tl.constexpr, RESCALE: tl.constexpr, CLIP: tl.constexpr,
                          THRESH: tl.constexpr, VAR_MODE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    # The step's coefficients: one row of the schedule table, picked by a device index.
-    row = Coef + tl.load(Index).to(tl.int64) * NCOEF
-    k_pre = tl.load(row + 0).to(ACC)
-    a_x = tl.load(row + 1).to(ACC)
-    a_m = tl.load(row + 2).to(ACC)
-    p = tl.load(row + 3).to(ACC)
-    q = tl.load(row + 4).to(ACC)
-    s = tl.load(row + 5).to(ACC)
-    r = tl.load(row + 6).to(ACC)
-    u = tl.load(row + 7).to(ACC)
+    # The step's coefficients: one row of the schedule table, picked by a device index (the
+    # user's: a step outside the table reads row 0 and the step comes out NaN).
+    step, step_ok = table_row(tl.load(Index).to(tl.int64), steps)
+    row = Coef + step * NCOEF
+    bad = tl.where(step_ok, 0.0, float("nan")).to(ACC)   # NaN + c poisons every coefficient
+    k_pre = tl.load(row + 0).to(ACC) + bad
+    a_x = tl.load(row + 1).to(ACC) + bad
+    a_m = tl.load(row + 2).to(ACC) + bad
+    p = tl.load(row + 3).to(ACC) + bad
+    q = tl.load(row + 4).to(ACC) + bad
+    s = tl.load(row + 5).to(ACC) + bad
+    r = tl.load(row + 6).to(ACC) + bad
+    u = tl.load(row + 7).to(ACC) + bad
     # The model output may have more channels per sample (learned variance) and twice the
     # batch (guidance: [uncond | cond]); sample b's element j sits at b * m_stride + j.
     b = offs // per_sample
@@ -122,7 +125,7 @@ def sampler_step(x: torch.Tensor, m: torch.Tensor, coef: torch.Tensor, index: to
         x0 if x0 is not None else out, coef, index, thresh if thresh is not None else coef,
         rescale if rescale is not None else coef,
         numel, per_sample, m_stride, B * m_stride if cfg else 0, per_sample,
-        float(guidance) if cfg else 0.0, float(clip_range) if clip_range is not None else 0.0,
+        float(guidance) if cfg else 0.0, float(clip_range) if clip_range is not None else 0.0, coef.shape[0],
         NCOEF=N_COEFS, HAS_NOISE=noise is not None, HAS_HIST=hist is not None, WRITE_X0=write_x0, CFG=cfg,
         RESCALE=rescale is not None, CLIP=clip_range is not None, THRESH=thresh is not None,
         VAR_MODE=VAR_MODES[var_mode], ACC=acc_dtype(x.dtype), BLOCK=block, num_warps=warps)
@@ -130,7 +133,7 @@ def sampler_step(x: torch.Tensor, m: torch.Tensor, coef: torch.Tensor, index: to
 
 
 @triton.jit
-def _q_sample_kernel(A, Bv, T, Table, Out1, Out2, numel, per_sample,
+def _q_sample_kernel(A, Bv, T, Table, Out1, Out2, numel, per_sample, steps,
                      BACKWARD: tl.constexpr, TARGET: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
                      BLOCK: tl.constexpr):
     """Forward (A = x0, B = noise): Out1 = x_t = c x0 + d noise; with TARGET (v): Out2 =
@@ -139,9 +142,11 @@ def _q_sample_kernel(A, Bv, T, Table, Out1, Out2, numel, per_sample,
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     b = offs // per_sample
-    t = tl.load(T + b, mask=mask, other=0).to(tl.int64)
-    c = tl.load(Table + 2 * t, mask=mask, other=0.0).to(ACC)
-    d = tl.load(Table + 2 * t + 1, mask=mask, other=0.0).to(ACC)
+    # timesteps are the user's: one outside the table reads row 0 and its sample comes out NaN
+    t, t_ok = table_row(tl.load(T + b, mask=mask, other=0).to(tl.int64), steps)
+    bad = tl.where(t_ok, 0.0, float("nan")).to(ACC)
+    c = tl.load(Table + 2 * t, mask=mask, other=0.0).to(ACC) + bad
+    d = tl.load(Table + 2 * t + 1, mask=mask, other=0.0).to(ACC) + bad
     a = tl.load(A + offs, mask=mask, other=0.0).to(ACC)
     if HAS_B:
         bv = tl.load(Bv + offs, mask=mask, other=0.0).to(ACC)
@@ -166,7 +171,7 @@ def _q_launch(a, bv, t, table, out1, out2, backward, target):
     block, warps = _common.pointwise_config(numel, a.device)
     _q_sample_kernel[(triton.cdiv(numel, block),)](
         a, bv if bv is not None else a, t, table, out1, out2 if out2 is not None else out1, numel,
-        numel // a.shape[0], BACKWARD=backward, TARGET=Q_TARGETS[target], HAS_B=bv is not None,
+        numel // a.shape[0], table.shape[0], BACKWARD=backward, TARGET=Q_TARGETS[target], HAS_B=bv is not None,
         ACC=acc_dtype(a.dtype), BLOCK=block, num_warps=warps)
 
 

@@ -5,6 +5,8 @@ import numbers
 
 import torch
 
+from .. import _config
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -95,3 +97,41 @@ def autocast(*tensors, only_from_float32: bool = False):
         return tensors
     dt = torch.get_autocast_dtype(dev)
     return tuple(t.to(dt) if t is not None and t.dtype != torch.float64 else t for t in tensors)
+
+
+class IndexOutOfRangeError(IndexError, ValueError):
+    """A user index outside its table: an IndexError, as torch raises for a table index (also a
+    ValueError, the class fastnets raised before, so existing handlers keep working)."""
+
+
+def host_checks(index: torch.Tensor) -> bool:
+    """Whether a user index is validated on the host: CPU tensors (free), any tensor with
+    FASTNETS_CHECK_INDICES=1 (one sync); never while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return False
+    return index.device.type == "cpu" or _config.check_indices()
+
+
+def table_index(op: str, name: str, index: torch.Tensor, size: int, *, negative: bool = True,
+                ignore: int | None = None) -> None:
+    """Check that every entry of `index` picks a row of a `size`-row table, as torch indexing
+    does (negative entries count from the end when `negative`; `ignore` is exempt), and raise
+    IndexOutOfRangeError naming the argument otherwise.
+
+    Checked on the host only where that is free: CPU tensors (a CUDA check would cost a
+    device-to-host sync per call), or any tensor with FASTNETS_CHECK_INDICES=1. On CUDA the
+    kernels never read outside the table: an out-of-range index loads row 0 and makes the
+    outputs it feeds NaN (no host sync)."""
+    if index.numel() == 0 or not host_checks(index):
+        return
+    idx = index.reshape(-1)
+    if ignore is not None:
+        idx = idx[idx != ignore]
+        if idx.numel() == 0:
+            return
+    lo, hi = int(idx.min()), int(idx.max())
+    low = -size if negative else 0
+    if lo < low or hi >= size:
+        bad = lo if lo < low else hi
+        raise IndexOutOfRangeError(f"{op}: {name} holds {bad}, outside the table's {size} rows "
+                                   f"([{low}, {size}){'' if ignore is None else f', or ignore_index={ignore}'})")

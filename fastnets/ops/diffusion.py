@@ -64,13 +64,25 @@ def _guidance_factor(model_output: Tensor, B: int, C: int, guidance_scale: float
     return rescale * cond.std(dim=dims) / guided.std(dim=dims) + (1.0 - rescale)
 
 
+def _coefficient_row(coef: Tensor, index: Tensor) -> Tensor:
+    """coef[index] as torch indexes it (negative from the end), with no host sync: an index
+    outside the table (CUDA; the host raised already for CPU tensors) gives a NaN row, as the
+    kernel does."""
+    steps = coef.shape[0]
+    i = index.reshape(1).long()
+    i = torch.where(i < 0, i + steps, i)
+    ok = (i >= 0) & (i < steps)
+    row = coef.index_select(0, i.clamp(0, max(steps - 1, 0)))[0]
+    return torch.where(ok, row, torch.full_like(row, float("nan")))
+
+
 def _threshold(sample: Tensor, model_output: Tensor, coef: Tensor, index: Tensor, noise: Optional[Tensor],
                guidance_scale: Optional[float], factor: Optional[Tensor], ratio: float, max_value: float) -> Tensor:
     """Dynamic thresholding's per-sample s = clamp(quantile(|x0|, ratio), 1, max_value): x0 is
     formed once more in torch (the quantile needs all of it before any element is stepped)."""
     acc = torch.float64 if sample.dtype == torch.float64 else torch.float32
     B, C = sample.shape[0], sample.shape[1]
-    row = coef.index_select(0, index.reshape(1).long()).to(acc)[0]
+    row = _coefficient_row(coef, index).to(acc)
     mo = model_output.to(acc)
     m = mo[:B, :C] + guidance_scale * (mo[B:, :C] - mo[:B, :C]) if guidance_scale is not None else mo[:, :C]
     if factor is not None:
@@ -122,9 +134,12 @@ def sampler_step(sample: Tensor, model_output: Tensor, coefficients: Tensor, ste
         raise ValueError(f"{op}: coefficients must be a ({'steps'}, {N_COEFS}) {acc} tensor on {sample.device}, got "
                          f"{_describe(coefficients)}")
     if (not isinstance(step_index, Tensor) or step_index.numel() != 1 or step_index.is_floating_point()
-            or step_index.device != sample.device):
+            or step_index.is_complex() or step_index.dtype == torch.bool or step_index.device != sample.device):
         raise ValueError(f"{op}: step_index must be a 1-element integer tensor on {sample.device}, got "
                          f"{_describe(step_index)}")
+    # A row of the table, as coefficients[step_index] picks it (negative from the end): checked
+    # on the host where that costs no sync; on CUDA a step outside the table comes out NaN.
+    _checks.table_index(op, "step_index", step_index, coefficients.shape[0])
     for name, t, dtype in (("noise", noise, None), ("history", history, acc)):
         if t is None:
             continue
@@ -147,7 +162,7 @@ def sampler_step(sample: Tensor, model_output: Tensor, coefficients: Tensor, ste
                                                                                             max_value))
     backend = _dispatch.choose(op, sample.device, empty=sample.numel() == 0)
     if backend == "torch":
-        row = coefficients.index_select(0, step_index.reshape(1).long())[0]
+        row = _coefficient_row(coefficients, step_index)
         out, x0 = reference.diffusion.sampler_step(sample, model_output, row, noise=noise, history=history,
                                                    guidance_scale=guidance, rescale=factor, clip_range=clip,
                                                    threshold=thresh, variance=variance)
@@ -241,12 +256,9 @@ def q_sample(x0: Tensor, noise: Tensor, timesteps: Tensor, alphas_cumprod: Tenso
     if timesteps.numel() != B:
         raise ValueError(f"{op}: timesteps must have one entry per sample ({B}), got {timesteps.numel()}")
     _checks.tensor(op, "alphas_cumprod", alphas_cumprod, min_dim=1)
-    # The range check reads the timesteps: only where that costs no device sync (and not
-    # while torch.compile traces, where it would break the graph).
-    if timesteps.device.type == "cpu" and B and not torch.compiler.is_compiling() and (int(timesteps.min()) < 0 or
-                                                 int(timesteps.max()) >= alphas_cumprod.shape[0]):
-        raise ValueError(f"{op}: timesteps must lie in [0, {alphas_cumprod.shape[0]}), got "
-                         f"[{int(timesteps.min())}, {int(timesteps.max())}]")
+    # Indexed as torch indexes alphas_cumprod[timesteps] (negative from the end); checked on
+    # the host where that costs no sync, else the kernel makes an out-of-range sample NaN.
+    _checks.table_index(op, "timesteps", timesteps, alphas_cumprod.shape[0])
     backend = _dispatch.choose(op, x0.device, empty=x0.numel() == 0)
     if backend == "torch":
         xt, v = reference.diffusion.q_sample(x0, noise, timesteps, alphas_cumprod)
