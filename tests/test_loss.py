@@ -196,3 +196,27 @@ def test_linear_cross_entropy_gradcheck_float64_full(reduction):
         assert torch.autograd.gradcheck(
             lambda x, w, b: ops.linear_cross_entropy(x, w, t, b, reduction=reduction, label_smoothing=0.05,
                                                      z_loss=1e-3, chunk_size=4), (x, w, b), **GRADCHECK_FULL)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_minus_inf_logits_like_torch(smoothing):
+    """Masked vocabulary entries (-inf logits, as in constrained decoding): a -inf non-target
+    logit leaves the loss finite, a -inf target gives inf, an all -inf row NaN, exactly where
+    torch has them; with the first vocabulary block all -inf and later ones finite too."""
+    V = 65536 + 7 if DEVICE.type == "cpu" else 8192 + 7   # past the launcher's first block
+    x = torch.randn(5, V, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    t = torch.tensor([1, 1, 3, V - 2, 0], device=DEVICE)
+    x[0, 2] = float("-inf")          # some -inf, target finite
+    x[1, 1] = float("-inf")          # the target's logit is -inf
+    x[2] = float("-inf")             # every logit -inf
+    x[3, :V - 5] = float("-inf")     # a whole block -inf, then finite ones
+    x[4, 5:] = float("-inf")
+    for row in range(5):
+        xr, xt = x[row:row + 1].clone().requires_grad_(), x[row:row + 1].double().requires_grad_()
+        with expect_backend("cross_entropy"):
+            got = ops.cross_entropy(xr, t[row:row + 1], label_smoothing=smoothing)
+        want = F.cross_entropy(xt, t[row:row + 1], label_smoothing=smoothing)
+        assert_close(got, want, torch.float32, f"row {row} loss")
+        got.backward()
+        want.backward()
+        assert_close(xr.grad, xt.grad, torch.float32, f"row {row} grad")

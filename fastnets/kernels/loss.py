@@ -53,7 +53,10 @@ def _cross_entropy_kernel(
             ok = cols < V
             x = tl.load(base + cols, mask=ok, other=float("-inf")).to(ACC)
             m_new = tl.maximum(m, tl.max(x, 0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+            # -inf logits (masked vocabulary entries): while every logit so far is -inf the
+            # running max is too, and exp(-inf - -inf) would be NaN; shift by 0 then (s stays 0).
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), 0)
             m = m_new
             if HAS_WEIGHT:
                 w = tl.load(WEIGHT + cols, mask=ok, other=0.0).to(ACC)
@@ -63,7 +66,9 @@ def _cross_entropy_kernel(
         lse = m + tl.log(s)
         if WRITE_LOSS:
             x_t = tl.load(base + t, mask=t_ok, other=0.0).to(ACC)
-            loss = (1.0 - eps) * w_t * (lse - x_t) + eps / V * (w_sum * lse - sum_x) + z_loss * lse * lse
+            loss = (1.0 - eps) * w_t * (lse - x_t) + z_loss * lse * lse
+            # The smoothing term only with smoothing: at eps = 0 a -inf logit would make it 0 * inf.
+            loss += tl.where(eps != 0.0, eps / V * (w_sum * lse - sum_x), 0.0)
             loss = tl.where(bad, float("nan"), loss)
             tl.store(LOSS + row, tl.where(ignored, 0.0, loss))
             tl.store(LSE + row, lse)
