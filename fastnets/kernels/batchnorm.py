@@ -117,7 +117,7 @@ def _bn_bwd_reduce_kernel(
 def _bn_bwd_dx_kernel(
     X, DY, DX, Scale, Shift, Mean, Rstd, MeanDz, MeanDzXhat,
     numel, C, c_div, slope,
-    ACT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    ACT: tl.constexpr, TRAINING: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # X, DY, DX dense in the same memory format.
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -128,8 +128,14 @@ def _bn_bwd_dx_kernel(
     scale = tl.load(Scale + c, mask=mask, other=0.0)
     if ACT != 0:
         dz = dz * act_grad(x * scale + tl.load(Shift + c, mask=mask, other=0.0), ACT, slope)
-    xhat = (x - tl.load(Mean + c, mask=mask, other=0.0)) * tl.load(Rstd + c, mask=mask, other=0.0)
-    dx = scale * (dz - tl.load(MeanDz + c, mask=mask, other=0.0) - xhat * tl.load(MeanDzXhat + c, mask=mask, other=0.0))
+    if TRAINING:
+        xhat = (x - tl.load(Mean + c, mask=mask, other=0.0)) * tl.load(Rstd + c, mask=mask, other=0.0)
+        dx = scale * (dz - tl.load(MeanDz + c, mask=mask, other=0.0)
+                      - xhat * tl.load(MeanDzXhat + c, mask=mask, other=0.0))
+    else:
+        # Running statistics are constants: dx = scale * dz, with no xhat term (0 * xhat would
+        # turn a NaN input into a NaN gradient where torch's is finite).
+        dx = scale * dz
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -219,11 +225,11 @@ def bn_bwd(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, shift: torch.
     count = N * S
     if training:
         k1, k2 = s_dz / count, s_dzx / count
-    else:  # running statistics are constants: dx = scale * dz
-        k1 = k2 = torch.zeros_like(s_dz)
+    else:  # running statistics are constants: dx = scale * dz (the kernel's TRAINING=False)
+        k1 = k2 = s_dz
     dx = empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
     block, fwarps = _flat_config(x.device)
     _bn_bwd_dx_kernel[(triton.cdiv(x.numel(), block),)](
         x, dy, dx, scale, shift, mean, rstd, k1, k2, x.numel(), C, _c_div(x), float(slope),
-        ACT=act, ACC=acc_dtype(x.dtype), BLOCK=block, num_warps=fwarps)
+        ACT=act, TRAINING=training, ACC=acc_dtype(x.dtype), BLOCK=block, num_warps=fwarps)
     return dx, s_dzx, s_dz

@@ -216,30 +216,46 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     """
     op = "scaled_dot_product_attention"
     _check_qkv(op, query, key, value)
-    if query.dim() < 3 or key.dim() != query.dim() or value.dim() != query.dim():
-        raise ValueError(f"{op}: query, key and value must have the same rank >= 3, got shapes "
+    if min(query.dim(), key.dim(), value.dim()) < 2:
+        raise ValueError(f"{op}: query, key and value must have at least 2 dims (..., L, E), got shapes "
                          f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+    rank = max(query.dim(), key.dim(), value.dim())
+    if key.dim() != query.dim() or value.dim() != query.dim():
+        # Leading dims broadcast from the right, as torch's matmul-shaped attention does
+        # (a 3-D key against a 4-D query is one sequence per head).
+        query, key, value = (t.reshape((1,) * (rank - t.dim()) + tuple(t.shape)) for t in (query, key, value))
+    if query.dim() == 2:   # one sequence, one head: (L, E), as torch takes it
+        mask2 = attn_mask.unsqueeze(0) if attn_mask is not None and attn_mask.dim() >= 2 else attn_mask
+        return scaled_dot_product_attention(query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0), mask2,
+                                            dropout_p, is_causal, scale, enable_gqa).squeeze(0)
     if key.shape[-2] != value.shape[-2]:
         raise ValueError(f"{op}: key and value must have the same sequence length, got {key.shape[-2]} and "
                          f"{value.shape[-2]}")
+    # Batch dims broadcast as in torch (a key / value batch of 1 against a query batch of N):
+    # expanded views, never copies.
+    nb = query.dim() - 3 if query.dim() >= 4 else 1
+    try:
+        batch = torch.broadcast_shapes(query.shape[:nb], key.shape[:nb], value.shape[:nb])
+    except RuntimeError:
+        raise ValueError(f"{op}: batch dims of query {tuple(query.shape[:nb])}, key {tuple(key.shape[:nb])} and "
+                         f"value {tuple(value.shape[:nb])} do not broadcast") from None
+    query, key, value = (t.expand(*batch, *t.shape[nb:]) for t in (query, key, value))
     if query.dim() >= 4:
-        if query.shape[:-3] != key.shape[:-3] or key.shape[:-3] != value.shape[:-3]:
-            raise ValueError(f"{op}: batch dims of query {tuple(query.shape[:-3])}, key {tuple(key.shape[:-3])} and "
-                             f"value {tuple(value.shape[:-3])} must match")
         hq, hk, hv = query.shape[-3], key.shape[-3], value.shape[-3]
         if hq != hk and not enable_gqa:
             raise ValueError(f"{op}: query has {hq} heads and key {hk}; pass enable_gqa=True for grouped-query "
                              "attention")
         _check_heads(op, hq, hk, hv)
-    elif query.shape[0] != key.shape[0] or key.shape[0] != value.shape[0]:
-        raise ValueError(f"{op}: batch sizes of query, key and value differ")
     if is_causal and attn_mask is not None:
         raise ValueError(f"{op}: pass either attn_mask or is_causal=True, not both (as torch)")
     scale = _scale(op, scale, query.shape[-1])
     dropout_p = _dropout(op, dropout_p)
     L, S = query.shape[-2], key.shape[-2]
     _check_mask(op, attn_mask, query, (*query.shape[:-1], S))
-    if _dispatch.choose(op, query.device) == "torch":
+    # Nothing to attend to or nothing asking (an empty batch, no queries, no keys): no launch;
+    # torch's ops make the result (zeros where queries see no key, as torch's math does).
+    empty = query.numel() == 0 or key.numel() == 0 or value.numel() == 0
+    if _dispatch.choose(op, query.device, empty=empty) == "torch":
         return reference.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                                       enable_gqa)
     # Canonical (B, H, S, D) views: 3-D is one head; extra leading dims fold into the batch.

@@ -146,7 +146,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     bias = _checks.optional_param(op, "bias", bias, like=input, shape=(C,))
     if not training and (running_mean is None or running_var is None):
         raise ValueError(f"{op}: running_mean and running_var are required when training=False")
-    if training and input.numel() // C <= 1:
+    if training and C and input.numel() // C == 1:   # as torch: one value; an empty batch is fine
         raise ValueError(f"{op}: expected more than 1 value per channel when training, got input shape "
                          f"{tuple(input.shape)}")
     if activation not in _ACTS:

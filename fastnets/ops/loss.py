@@ -209,7 +209,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         raise ValueError(f"{op}: target must have shape {tuple(tshape)} for input of shape {tuple(input.shape)}, "
                          f"got {tuple(target.shape)}")
     flat_target = _check_target(op, target, logits.shape[0], C, ignore_index, input.device)
-    if _dispatch.choose(op, input.device) == "torch":
+    if _dispatch.choose(op, input.device, empty=logits.numel() == 0) == "torch":
         return reference.cross_entropy(input, target, weight, ignore_index, reduction, eps, z_loss).to(out_dtype)
     logits = _checks.rows(logits, C)
     rows, _ = torch.ops.fastnets.cross_entropy_fwd(logits, flat_target, weight, wsum, int(ignore_index), eps, z_loss)

@@ -116,14 +116,17 @@ _pool_fwd.register_autograd(_backward, setup_context=_setup)
 
 # --- argument handling --------------------------------------------------------------------------
 
-def _input(op: str, input) -> tuple[Tensor, bool]:
+def _input(op: str, input, *, empty_channels: bool = False) -> tuple[Tensor, bool]:
+    """(4-D input, whether it was unbatched). Empty dims as torch allows them: a batch of 0
+    everywhere, 0 channels for adaptive_avg_pool2d only (torch raises for the others)."""
     _checks.tensor(op, "input", input)
     if input.dim() not in (3, 4):
         raise ValueError(f"{op}: input must be 4-D (N, C, H, W) or 3-D (C, H, W), got shape {tuple(input.shape)}")
     unbatched = input.dim() == 3
     x = input.unsqueeze(0) if unbatched else input
-    if x.shape[1] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
-        raise ValueError(f"{op}: input must have non-zero channels and spatial size, got shape {tuple(input.shape)}")
+    if (x.shape[1] == 0 and not empty_channels) or x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"{op}: input must have non-zero {'spatial size' if empty_channels else 'channels and spatial size'}"
+                         f" (as torch), got shape {tuple(input.shape)}")
     return x, unbatched
 
 
@@ -160,8 +163,8 @@ def _adaptive_out(op, x, output_size) -> tuple[int, int]:
         raise TypeError(f"{op}: output_size must be an int or a pair of ints (None keeps the input size), "
                         f"got {output_size!r}")
     out = tuple(x.shape[2 + i] if output_size[i] is None else output_size[i] for i in range(2))
-    if not all(isinstance(o, numbers.Integral) and o >= 1 for o in out):
-        raise ValueError(f"{op}: output_size must be positive, got {output_size!r}")
+    if not all(isinstance(o, numbers.Integral) and not isinstance(o, bool) and o >= 0 for o in out):
+        raise ValueError(f"{op}: output_size must be non-negative ints, got {output_size!r}")
     return tuple(int(o) for o in out)
 
 
@@ -207,9 +210,9 @@ def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bo
 def adaptive_avg_pool2d(input: Tensor, output_size) -> Tensor:
     """``torch.nn.functional.adaptive_avg_pool2d`` (output_size 1 is global average pooling)."""
     op = "adaptive_avg_pool2d"
-    x, unbatched = _input(op, input)
+    x, unbatched = _input(op, input, empty_channels=True)
     out = _adaptive_out(op, x, output_size)
-    if _dispatch.choose(op, x.device, empty=x.numel() == 0) == "torch":
+    if _dispatch.choose(op, x.device, empty=x.numel() == 0 or 0 in out) == "torch":
         return F.adaptive_avg_pool2d(input, out)
     return _run(op, x, unbatched, out, (1, 1), (1, 1), (0, 0), (1, 1), is_max=False, adaptive=True)
 
@@ -219,7 +222,7 @@ def adaptive_max_pool2d(input: Tensor, output_size, return_indices: bool = False
     op = "adaptive_max_pool2d"
     x, unbatched = _input(op, input)
     out = _adaptive_out(op, x, output_size)
-    if _dispatch.choose(op, x.device, empty=x.numel() == 0) == "torch":
+    if _dispatch.choose(op, x.device, empty=x.numel() == 0 or 0 in out) == "torch":
         return F.adaptive_max_pool2d(input, out, return_indices)
     return _run(op, x, unbatched, out, (1, 1), (1, 1), (0, 0), (1, 1), is_max=True, adaptive=True,
                 return_indices=return_indices)

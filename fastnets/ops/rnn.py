@@ -170,7 +170,7 @@ def _layer(mode: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], weights: list
     if not kernel:
         outs, hns, cns = [], [], []
         for d, ((w_ih, w_hh, _, _, w_hr), (bias, b_hn)) in enumerate(zip(weights, splits)):
-            xg = (torch.addmm(bias, x2, w_ih.t()) if bias is not None else x2 @ w_ih.t()).view(T, B, -1)
+            xg = (torch.addmm(bias, x2, w_ih.t()) if bias is not None else x2 @ w_ih.t()).view(T, B, w_ih.shape[0])
             hseq, cn = reference.rnn.recurrence(mode, xg, h0[d], c0[d] if c0 is not None else None, w_hh, b_hn,
                                                 w_hr, lengths, d == 1)
             outs.append(hseq)
@@ -190,7 +190,7 @@ def _layer(mode: str, x: Tensor, h0: Tensor, c0: Optional[Tensor], weights: list
     w_hh = stack([w[1] for w in weights]).contiguous()
     b_hn = stack([b for _, b in splits]) if splits[0][1] is not None else None
     w_hr = stack([w[4] for w in weights]).contiguous() if weights[0][4] is not None else None
-    hbuf, c_n, _, _, _ = torch.ops.fastnets.rnn_recurrence(xg.view(D, T, B, -1), h0.contiguous(),
+    hbuf, c_n, _, _, _ = torch.ops.fastnets.rnn_recurrence(xg.view(D, T, B, w_ih.shape[1]), h0.contiguous(),
                                                             c0.contiguous() if c0 is not None else None,
                                                             w_hh, b_hn, w_hr, lengths, mode)
     fwd = hbuf[0, 1:]
@@ -322,8 +322,8 @@ def rnn(mode: str, input, hx, weights: Sequence[Tensor], has_biases: bool = True
         x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if batch_first else input)
         sorted_idx = unsorted_idx = None
     T, B, I = x.shape
-    if T == 0:
-        raise ValueError(f"{op}: input has no time steps")
+    if T == 0:   # torch raises too ("Expected sequence length to be larger than 0")
+        raise ValueError(f"{op}: input has no time steps (torch.nn's recurrent modules need at least one)")
     padded_lengths = lengths is not None and not packed
     if padded_lengths:
         lengths = _check_lengths(op, lengths, T, B, x.device)
@@ -346,7 +346,8 @@ def rnn(mode: str, input, hx, weights: Sequence[Tensor], has_biases: bool = True
     if sorted_idx is not None:
         h0 = h0.index_select(1, sorted_idx)
         c0 = c0.index_select(1, sorted_idx) if c0 is not None else None
-    kernel = _dispatch.choose("rnn", x.device) != "torch"
+    # An empty batch launches nothing: torch's own ops make the (empty) result.
+    kernel = _dispatch.choose("rnn", x.device, empty=B == 0) != "torch"
     h_n, c_n = [], []
     for layer in range(num_layers):
         n = layer * D
@@ -423,7 +424,7 @@ def _cell(mode: str, op: str, input: Tensor, hx, w_ih: Tensor, w_hh: Tensor, b_i
     B = x.shape[0]
     h = _check_state(op, "hx", h, (B, H), x)
     c = _check_state(op, "cx", c, (B, H), x) if mode == "LSTM" else None
-    kernel = _dispatch.choose("rnn", x.device) != "torch"
+    kernel = _dispatch.choose("rnn", x.device, empty=B == 0) != "torch"
     if kernel:
         _, (h1,), (c1,) = _layer(mode, x.unsqueeze(0), h.unsqueeze(0), c.unsqueeze(0) if c is not None else None,
                                  [(w_ih, w_hh, b_ih, b_hh, None)], None, True)

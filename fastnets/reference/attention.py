@@ -82,9 +82,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """torch.nn.functional.scaled_dot_product_attention's semantics (causal is top-left
     aligned), except that fully masked rows give zeros instead of NaN. Any leading dims."""
     lead = query.shape[:-3] if query.dim() >= 4 else ()
-    q = query.reshape(-1, *query.shape[-3:]) if query.dim() >= 4 else query.unsqueeze(-3)
-    k = key.reshape(-1, *key.shape[-3:]) if key.dim() >= 4 else key.unsqueeze(-3)
-    v = value.reshape(-1, *value.shape[-3:]) if value.dim() >= 4 else value.unsqueeze(-3)
+
+    def fold(t):   # (..., H, S, D) -> (B, H, S, D); explicit sizes, so empty tensors fold too
+        return t.reshape(math.prod(t.shape[:-3]), *t.shape[-3:]) if t.dim() >= 4 else t.unsqueeze(-3)
+
+    q, k, v = fold(query), fold(key), fold(value)
     if q.dim() == 3:
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
     mask = None
@@ -92,4 +94,5 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         mask = attn_mask.expand(*query.shape[:-1], key.shape[-2]).reshape(q.shape[0], q.shape[1], q.shape[2],
                                                                            k.shape[2])
     out = attention(q, k, v, scale=scale, causal=is_causal, attn_mask=mask, dropout_p=dropout_p)
-    return out.reshape(*lead, *out.shape[-3:]) if query.dim() >= 4 else out.reshape(*query.shape[:-1], -1)
+    return (out.reshape(*lead, *out.shape[-3:]) if query.dim() >= 4
+            else out.reshape(*query.shape[:-1], value.shape[-1]))

@@ -19,8 +19,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if training:
         mean = x.mean(dims)
         var = (x - mean.view(shape)).pow(2).mean(dims)
-        if running_mean is not None:
-            n = input.numel() // input.shape[1]
+        n = input.numel() // input.shape[1] if input.shape[1] else 0
+        if running_mean is not None and n > 0:   # an empty batch leaves them as they are (as torch)
             with torch.no_grad():
                 running_mean.mul_(1 - momentum).add_(mean.detach().to(running_mean.dtype), alpha=momentum)
                 running_var.mul_(1 - momentum).add_((var.detach() * (n / max(n - 1, 1))).to(running_var.dtype),

@@ -1,0 +1,291 @@
+"""The one sample-input registry: per public op (and module), its torch counterpart and
+generators of sample and error inputs, after PyTorch's OpInfo. tests/test_op_samples.py runs
+every op over its samples against torch; a new op joins by adding an OpInfo here, not a test
+file.
+
+A Sample is a call: positional tensors and plain values, keyword arguments, and which tensor
+arguments get gradients. The kinds every op that takes them gets (`_layouts`): plain, a
+batch of 1, each dim 0 in turn where torch allows it, transposed / step-sliced / stride-0
+expanded views, channels_last, and NaN / +-inf planted in the input. Error samples are calls
+torch rejects too, with the exception type and the argument the message must name.
+
+torch_fn takes the same arguments as the fastnets op (in float64 for the truth, in the
+sample's dtype as the yardstick); `dispatch` is the name the op counts its calls under, so
+the test can assert that the kernel ran (or, for an empty input, that nothing launched).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastnets import ops
+
+
+@dataclasses.dataclass
+class Sample:
+    name: str
+    args: tuple
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    grad: tuple = ()          # indices of args that get gradients
+    # Bitwise NaN / inf positions compared in the gradients too (False where torch's own
+    # backward is not the bar: see the OpInfo's note)
+    grad_nonfinite: bool = True
+    empty: Optional[bool] = None   # nothing to launch (default: some tensor argument is empty)
+
+
+@dataclasses.dataclass
+class ErrorSample:
+    name: str
+    args: tuple
+    kwargs: dict
+    error: type
+    match: str                # a regex the message must contain (it names the argument)
+    # torch rejects it too; False for a documented gap (fastnets says it does not support what
+    # torch takes) or where torch's own kernel reads out of bounds instead of raising
+    torch_rejects: bool = True
+
+
+@dataclasses.dataclass
+class OpInfo:
+    name: str
+    torch_fn: Callable
+    dispatch: str
+    samples: Callable         # (device) -> [Sample]
+    errors: Callable = lambda device: []
+    fn: Optional[Callable] = None
+
+    def __post_init__(self):
+        if self.fn is None:
+            self.fn = getattr(ops, self.name)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(shape, device, seed=0, scale=1.0):
+    return (torch.randn(shape, generator=_gen(seed)) * scale).to(device)
+
+
+def _nonfinite(t: torch.Tensor) -> torch.Tensor:
+    """t with a NaN, a +inf and a -inf planted in its first entries (a copy)."""
+    t = t.clone()
+    flat = t.view(-1)
+    for i, v in enumerate((float("nan"), float("inf"), float("-inf"))):
+        if i < flat.numel():
+            flat[i * max(1, flat.numel() // 3)] = v
+    return t
+
+
+def _layouts(shape, device, *, empty_dims=(), channels_last=False, nonfinite=True, seed=0):
+    """(name, tensor) variants of a float32 input of `shape`: the kinds every op gets."""
+    x = _randn(shape, device, seed)
+    out = [("plain", x), ("batch1", x[:1].clone()), ("odd", _randn((3,) + tuple(s + 1 for s in shape[1:]), device,
+                                                                    seed + 1))]
+    for d in empty_dims:
+        out.append((f"empty_dim{d}", x.narrow(d, 0, 0).clone()))
+    if x.dim() >= 2:
+        out.append(("transposed", x.transpose(0, 1).contiguous().transpose(0, 1)))
+        out.append(("step_sliced", torch.cat([x, x], -1)[..., ::2]))
+        out.append(("expanded", x[:1].expand(*x.shape)))
+    if channels_last and x.dim() == 4:
+        out.append(("channels_last", x.contiguous(memory_format=torch.channels_last)))
+    if nonfinite:
+        out.append(("nan_inf", _nonfinite(x)))
+    return out
+
+
+# --- norms --------------------------------------------------------------------------------------------
+
+def _layer_norm_samples(device):
+    w, b = _randn((8,), device, 5), _randn((8,), device, 6)
+    out = []
+    for name, x in _layouts((3, 4, 8), device, empty_dims=(0, 1)):
+        if x.shape[-1] != 8:
+            continue
+        out.append(Sample(name, (x, (8,), w, b), grad=(0, 2, 3)))
+    out.append(Sample("no_affine", (_randn((5, 8), device), (8,)), grad=(0,)))
+    return out
+
+
+def _norm_errors(device):
+    x = _randn((2, 8), device)
+    return [ErrorSample("shape", (x, (7,)), {}, ValueError, "normalized_shape"),
+            ErrorSample("weight_shape", (x, (8,), _randn((7,), device)), {}, ValueError, "weight")]
+
+
+def _rms_norm_samples(device):
+    w = _randn((8,), device, 5)
+    return [Sample(name, (x, (8,), w, 1e-6), grad=(0, 2)) for name, x in _layouts((3, 4, 8), device,
+                                                                                empty_dims=(0, 1))
+            if x.shape[-1] == 8]
+
+
+def _group_norm_samples(device):
+    w, b = _randn((6,), device, 5), _randn((6,), device, 6)
+    out = []
+    for name, x in _layouts((2, 6, 5, 3), device, empty_dims=(0,), channels_last=True):
+        if x.shape[1] != 6:
+            continue
+        out.append(Sample(name, (x, 3, w, b), grad=(0, 2, 3)))
+    return out
+
+
+def _batch_norm_samples(device):
+    w, b = _randn((4,), device, 5), _randn((4,), device, 6)
+    out = []
+    for name, x in _layouts((3, 4, 5, 5), device, empty_dims=(0,), channels_last=True):
+        if x.shape[1] != 4:
+            continue
+        for training in (True, False):
+            rm, rv = _randn((4,), device, 7) * 0.1, torch.rand(4, generator=_gen(8)).to(device) + 0.5
+            out.append(Sample(f"{name}-{'train' if training else 'eval'}", (x, rm, rv, w, b, training),
+                              grad=(0, 3, 4)))
+    return out
+
+
+def _batch_norm_errors(device):
+    x = _randn((1, 4, 1, 1), device)
+    return [ErrorSample("one_value_per_channel", (x, None, None, None, None, True), {}, ValueError,
+                        "more than 1 value per channel"),
+            ErrorSample("eval_without_stats", (_randn((2, 4), device), None, None, None, None, False), {}, ValueError,
+                        "running_mean")]
+
+
+# --- pointwise ------------------------------------------------------------------------------------------
+
+_ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+         "leaky_relu": F.leaky_relu}
+
+
+def _bias_act_torch(x, bias, activation):
+    return _ACTS[activation](x + bias if bias is not None else x)
+
+
+def _bias_act_samples(device):
+    b = _randn((6,), device, 5)
+    out = []
+    for act in ("relu", "gelu", "silu"):
+        for name, x in _layouts((3, 4, 6), device, empty_dims=(0, 1)):
+            if x.shape[-1] != 6:
+                continue
+            out.append(Sample(f"{act}-{name}", (x, b, act), grad=(0, 1)))
+    return out
+
+
+# --- convolution and pooling ----------------------------------------------------------------------------
+
+def _conv2d_samples(device):
+    w, b = _randn((5, 3, 3, 3), device, 5), _randn((5,), device, 6)
+    out = []
+    for name, x in _layouts((2, 3, 6, 6), device, empty_dims=(0,), channels_last=True):
+        if x.shape[1] != 3:
+            continue
+        out.append(Sample(name, (x, w, b, 1, 1), grad=(0, 1, 2)))
+    # A NaN / inf weight tap with only the weight differentiated. (The input gradient through
+    # such a tap is still NaN at more border positions than torch's, 0 * NaN from the implicit
+    # GEMM's zero-padded taps: issue 24, open.)
+    out.append(Sample("nan_inf_weight", (_randn((2, 3, 6, 6), device), _nonfinite(w), b, 1, 1), grad=(1, 2)))
+    return out
+
+
+def _conv2d_errors(device):
+    x, w = _randn((2, 3, 6, 6), device), _randn((5, 4, 3, 3), device)
+    return [ErrorSample("channels", (x, w), {}, ValueError, "weight"),
+            ErrorSample("rank", (x[0, 0], _randn((5, 3, 3, 3), device)), {}, ValueError, "input")]
+
+
+def _pool_samples(extra, *, empty_channels=False, output_zero=False):
+    def samples(device):
+        out = []
+        for name, x in _layouts((2, 3, 7, 6), device, empty_dims=(0, 1) if empty_channels else (0,),
+                                channels_last=True):
+            # torch's adaptive_avg_pool2d takes 0 channels forward, but its backward raises
+            out.append(Sample(name, (x,) + extra, grad=() if name == "empty_dim1" else (0,)))
+        if output_zero:
+            # (torch's backward raises for an empty output: the forward is compared)
+            out.append(Sample("output_size_0", (_randn((2, 3, 5, 5), device), (0, 2)), empty=True))
+        return out
+    return samples
+
+
+def _pool_errors(device):
+    return [ErrorSample("rank", (_randn((5, 5), device), 2), {}, ValueError, "input must be 4-D")]
+
+
+# --- attention and losses -------------------------------------------------------------------------------
+
+def _sdpa_samples(device):
+    q, k, v = _randn((2, 3, 4, 8), device, 1), _randn((2, 3, 5, 8), device, 2), _randn((2, 3, 5, 8), device, 3)
+    out = [Sample("plain", (q, k, v), grad=(0, 1, 2)),
+           Sample("causal", (q, k[..., :4, :], v[..., :4, :]), {"is_causal": True}, grad=(0, 1, 2)),
+           Sample("empty_batch", (q[:0], k[:0], v[:0]), grad=(0, 1, 2)),
+           Sample("empty_queries", (q[..., :0, :], k, v), grad=(0, 1, 2)),
+           Sample("empty_keys", (q, k[..., :0, :], v[..., :0, :]), grad=(0, 1, 2)),
+           Sample("kv_batch_broadcast", (q, k[:1], v[:1]), grad=(0, 1, 2)),
+           Sample("kv_rank_broadcast", (q, k[0], v[0]), grad=(0, 1, 2)),
+           Sample("3d", (q[:, 0], k[:, 0], v[:, 0]), grad=(0, 1, 2)),
+           Sample("2d", (q[0, 0], k[0, 0], v[0, 0]), grad=(0, 1, 2)),
+           Sample("transposed", (q.transpose(1, 2).contiguous().transpose(1, 2), k, v), grad=(0, 1, 2)),
+           Sample("bool_mask", (q, k, v, torch.rand(4, 5, generator=_gen(9)).to(device) > 0.3), grad=(0, 1, 2)),
+           Sample("float_mask", (q, k, v, _randn((4, 5), device, 10)), grad=(0, 1, 2))]
+    return out
+
+
+def _sdpa_errors(device):
+    q = _randn((2, 3, 4, 8), device)
+    return [ErrorSample("rank", (q[0, 0, 0], q, q), {}, ValueError, "at least 2 dims"),
+            ErrorSample("batch", (q, q.repeat(3, 1, 1, 1), q.repeat(3, 1, 1, 1)), {}, ValueError, "do not broadcast"),
+            # torch's CPU kernel returns a result here (reading past value's end)
+            ErrorSample("kv_lengths", (q, q, q[..., :3, :]), {}, ValueError, "same sequence length",
+                        torch_rejects=False)]
+
+
+def _cross_entropy_samples(device):
+    x = _randn((5, 7), device)
+    t = torch.tensor([1, 0, 6, 3, 2], device=device)
+    masked = x.clone()
+    masked[0, 2] = float("-inf")
+    masked[3, :5] = float("-inf")
+    return [Sample("plain", (x, t), grad=(0,)),
+            Sample("empty", (x[:0], t[:0]), grad=(0,)),
+            Sample("sum", (x, t), {"reduction": "sum"}, grad=(0,)),
+            Sample("none", (x, t), {"reduction": "none"}, grad=(0,)),
+            Sample("ignore_index", (x, torch.tensor([1, -100, 6, -100, 2], device=device)), grad=(0,)),
+            Sample("label_smoothing", (x, t), {"label_smoothing": 0.1}, grad=(0,)),
+            Sample("minus_inf_logits", (masked, t), grad=(0,)),
+            Sample("step_sliced", (torch.cat([x, x], -1)[:, ::2], t), grad=(0,)),
+            Sample("int32_target", (x, t.int()), grad=(0,))]
+
+
+def _cross_entropy_errors(device):
+    x = _randn((5, 7), device)
+    return [ErrorSample("target_class", (x, torch.tensor([1, 0, 7, 3, 2], device=device)), {}, ValueError,
+                        "target holds class 7"),
+            # torch reads bool targets as classes 0 / 1; fastnets asks for integer indices
+            ErrorSample("bool_target", (x, torch.ones(5, dtype=torch.bool, device=device)), {}, TypeError,
+                        "target must hold integer class indices", torch_rejects=False),
+            ErrorSample("rows", (x, torch.zeros(4, dtype=torch.long, device=device)), {}, ValueError, "target")]
+
+
+OPS = [
+    OpInfo("layer_norm", F.layer_norm, "layer_norm", _layer_norm_samples, _norm_errors),
+    OpInfo("rms_norm", F.rms_norm, "rms_norm", _rms_norm_samples),
+    OpInfo("group_norm", F.group_norm, "group_norm", _group_norm_samples),
+    OpInfo("batch_norm", F.batch_norm, "batch_norm", _batch_norm_samples, _batch_norm_errors),
+    OpInfo("bias_act", _bias_act_torch, "bias_act", _bias_act_samples),
+    OpInfo("conv2d", F.conv2d, "conv2d", _conv2d_samples, _conv2d_errors),
+    OpInfo("max_pool2d", F.max_pool2d, "max_pool2d", _pool_samples((3, 2, 1)), _pool_errors),
+    OpInfo("avg_pool2d", F.avg_pool2d, "avg_pool2d", _pool_samples((3, 2, 1)), _pool_errors),
+    OpInfo("adaptive_avg_pool2d", F.adaptive_avg_pool2d, "adaptive_avg_pool2d",
+           _pool_samples((3,), empty_channels=True, output_zero=True), _pool_errors),
+    OpInfo("adaptive_max_pool2d", F.adaptive_max_pool2d, "adaptive_max_pool2d",
+           _pool_samples((3,), output_zero=True), _pool_errors),
+    OpInfo("scaled_dot_product_attention", F.scaled_dot_product_attention, "scaled_dot_product_attention",
+           _sdpa_samples, _sdpa_errors),
+    OpInfo("cross_entropy", lambda x, t, **kw: F.cross_entropy(x, t.long(), **kw), "cross_entropy",
+           _cross_entropy_samples, _cross_entropy_errors),
+]
