@@ -211,7 +211,7 @@ def _flrelu_graph(ctx):
         z = x + bias.view(1, -1, 1, 1).to(x.dtype) if bias is not None else x
         mid = torch.ops.fastnets.upfirdn2d_fwd(z, gu, [up, up], [1, 1], pad0, mid_hw)
         mid = (torch.nn.functional.leaky_relu(mid, slope) * gain).clamp(-clamp, clamp)
-        return torch.ops.fastnets.upfirdn2d_fwd(mid, gd, [down, down], [1, 1], [0, 0], out_hw)
+        return torch.ops.fastnets.upfirdn2d_fwd(mid, gd, [1, 1], [down, down], [0, 0], out_hw)
     return fn
 
 
