@@ -137,10 +137,39 @@ def test_patch_embed_matches_conv_cat_add(dtype):
     for name, a, b in zip(("pixels", "weight", "class", "position"), got_g, want_g):
         assert_close(a, b, dtype, f"patch_embed d {name}", tol=MODEL_TRAIN_FLOAT32
                      if dtype == torch.float32 else None)
-    with pytest.raises(ValueError, match="multiple of the patch size"):
-        ops.patch_embed(px[..., :10], w, cls, pos)
+    with pytest.raises(ValueError, match="smaller than the patch size"):
+        ops.patch_embed(px[..., :3], w, cls, pos)
     with pytest.raises(ValueError, match="position_embedding must have shape"):
         ops.patch_embed(px, w, cls, pos[:5])
+
+
+def _vit_embedding(px, w, cls, pos):
+    """What a ViT's forward does: the strided conv, the class token, the position embedding."""
+    tok = F.conv2d(px, w, stride=w.shape[-1]).flatten(2).transpose(1, 2)
+    return torch.cat([cls.expand(px.shape[0], 1, -1), tok], 1) + pos
+
+
+def test_patch_embed_non_multiple_size_and_autocast_like_torch():
+    """Issue 24: an image that is not a multiple of the patch drops the remainder (torch's
+    strided conv); under autocast the result has torch's dtype (a float32 position embedding
+    promotes the bf16 conv output) and its values."""
+    g = torch.Generator().manual_seed(2)
+    px = torch.randn(2, 3, 13, 18, generator=g).to(DEVICE)      # 3 x 4 patches of 4, remainder dropped
+    w = (torch.randn(8, 3, 4, 4, generator=g) * 0.2).to(DEVICE)
+    cls, pos = torch.randn(8, generator=g).to(DEVICE), torch.randn(13, 8, generator=g).to(DEVICE)
+    with expect_backend("conv2d"):
+        got = ops.patch_embed(px, w, cls, pos)
+    assert_close(got, _vit_embedding(*(t.double() for t in (px, w, cls, pos))), torch.float32, "non-multiple")
+    for kw in (dict(class_embedding=cls, position_embedding=pos), dict(position_embedding=pos[1:]), {}):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            with expect_backend("conv2d"):
+                got = ops.patch_embed(px, w, **kw)
+            tok = F.conv2d(px, w, stride=4).flatten(2).transpose(1, 2)
+            if "class_embedding" in kw:
+                tok = torch.cat([cls.expand(2, 1, -1), tok], 1)
+            want = tok + kw["position_embedding"] if "position_embedding" in kw else tok
+        assert got.dtype == want.dtype, (sorted(kw), got.dtype, want.dtype)
+        assert_close(got, want.double(), torch.bfloat16, f"autocast {sorted(kw)}")
 
 
 def test_zero_shot_logits_head():

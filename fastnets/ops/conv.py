@@ -470,8 +470,9 @@ def patch_embed(pixel_values: Tensor, weight: Tensor, class_embedding: Optional[
                          f"{tuple(pixel_values.shape)} and {tuple(weight.shape)}")
     B, _, H, W = pixel_values.shape
     E, p = weight.shape[0], weight.shape[-1]
-    if H % p or W % p:
-        raise ValueError(f"{op}: image size {H}x{W} must be a multiple of the patch size {p}")
+    if H < p or W < p:
+        raise ValueError(f"{op}: image size {H}x{W} is smaller than the patch size {p}")
+    # A size that is not a multiple of the patch drops the remainder, as torch's strided conv does.
     gh, gw = H // p, W // p
     n_cls = 0 if class_embedding is None else 1
     if class_embedding is not None and tuple(class_embedding.shape) != (E,):
@@ -480,15 +481,20 @@ def patch_embed(pixel_values: Tensor, weight: Tensor, class_embedding: Optional[
         raise ValueError(f"{op}: position_embedding must have shape ({n_cls + gh * gw}, {E}), got "
                          f"{tuple(position_embedding.shape)}")
     dtype = _checks.autocast(pixel_values, weight)[0].dtype
+    # The position embedding is the conv epilogue's residual when that changes no dtype. Under
+    # autocast torch adds a float32 embedding to the bf16 / fp16 conv output in float32 (type
+    # promotion): the add then runs after the conv, as torch's does, with torch's result dtype.
+    fuse = position_embedding is not None and position_embedding.dtype == dtype
     residual = None
-    if position_embedding is not None:
+    if fuse:
         # (E, gh, gw) broadcast over the batch: a stride-0 view, read by the epilogue.
-        pos = position_embedding[n_cls:].to(dtype).t().reshape(1, E, gh, gw)
+        pos = position_embedding[n_cls:].to(pixel_values.dtype).t().reshape(1, E, gh, gw)
         residual = pos.expand(B, E, gh, gw)
     tokens = conv2d(pixel_values, weight, bias, stride=p, residual=residual).flatten(2).transpose(1, 2)
+    if position_embedding is not None and not fuse:
+        tokens = tokens + position_embedding[n_cls:]
     if class_embedding is None:
         return tokens
-    cls = class_embedding.to(tokens.dtype)
-    if position_embedding is not None:
-        cls = cls + position_embedding[0].to(tokens.dtype)
-    return torch.cat([cls.expand(B, 1, E), tokens], dim=1)
+    cls = class_embedding if position_embedding is None else class_embedding + position_embedding[0]
+    out_dtype = torch.promote_types(tokens.dtype, cls.dtype)   # torch.cat's promotion, as a ViT's forward gets
+    return torch.cat([cls.to(out_dtype).expand(B, 1, E), tokens.to(out_dtype)], dim=1)
