@@ -114,7 +114,9 @@ def _layer_norm_samples(device):
 def _norm_errors(device):
     x = _randn((2, 8), device)
     return [ErrorSample("shape", (x, (7,)), {}, ValueError, "normalized_shape"),
-            ErrorSample("weight_shape", (x, (8,), _randn((7,), device)), {}, ValueError, "weight")]
+            ErrorSample("weight_shape", (x, (8,), _randn((7,), device)), {}, ValueError, "weight"),
+            ErrorSample("float64_weight", (x, (8,), _randn((8,), device).double()), {}, TypeError,
+                        "weight is torch.float64 but input is torch.float32")]
 
 
 def _rms_norm_samples(device):
@@ -152,7 +154,11 @@ def _batch_norm_errors(device):
     return [ErrorSample("one_value_per_channel", (x, None, None, None, None, True), {}, ValueError,
                         "more than 1 value per channel"),
             ErrorSample("eval_without_stats", (_randn((2, 4), device), None, None, None, None, False), {}, ValueError,
-                        "running_mean")]
+                        "running_mean"),
+            ErrorSample("float64_running_mean", (_randn((2, 4), device), torch.zeros(4, dtype=torch.float64,
+                                                                                     device=device),
+                                                 torch.ones(4, device=device), None, None, False), {}, TypeError,
+                        "running_mean is torch.float64")]
 
 
 # --- pointwise ------------------------------------------------------------------------------------------
@@ -274,7 +280,9 @@ def _cross_entropy_errors(device):
 OPS = [
     OpInfo("layer_norm", F.layer_norm, "layer_norm", _layer_norm_samples, _norm_errors),
     OpInfo("rms_norm", F.rms_norm, "rms_norm", _rms_norm_samples),
-    OpInfo("group_norm", F.group_norm, "group_norm", _group_norm_samples),
+    OpInfo("group_norm", F.group_norm, "group_norm", _group_norm_samples,
+           lambda device: [ErrorSample("float64_bias", (_randn((2, 4, 3), device), 2, None,
+                                                        _randn((4,), device).double()), {}, TypeError, "bias is")]),
     OpInfo("batch_norm", F.batch_norm, "batch_norm", _batch_norm_samples, _batch_norm_errors),
     OpInfo("bias_act", _bias_act_torch, "bias_act", _bias_act_samples),
     OpInfo("conv2d", F.conv2d, "conv2d", _conv2d_samples, _conv2d_errors),

@@ -358,3 +358,15 @@ def test_swap_runs_hf_siglip_loss_on_the_tiled_kernel():
     assert_close(after.loss, before.loss, torch.float64, "swapped siglip loss", tol=MODEL_FLOAT64)
     fastnets.unswap(hf)
     assert type(hf) is transformers.SiglipModel
+
+
+def test_zero_shot_logits_under_autocast_like_torch():
+    """Issue 24: under autocast torch's matmul gives the autocast dtype; so does the fused head."""
+    g = torch.Generator().manual_seed(5)
+    x, c = torch.randn(3, 8, generator=g).to(DEVICE), torch.randn(8, 5, generator=g).to(DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        with expect_backend("zero_shot_logits"):
+            logits, _, _ = ops.zero_shot_logits(x, c, 10.0)
+        want = 10.0 * F.normalize(x) @ c
+    assert logits.dtype == want.dtype == torch.bfloat16
+    assert_close(logits, (10.0 * F.normalize(x.double()) @ c.double()), torch.bfloat16, "autocast zero-shot")

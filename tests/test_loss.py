@@ -220,3 +220,21 @@ def test_cross_entropy_minus_inf_logits_like_torch(smoothing):
         got.backward()
         want.backward()
         assert_close(xr.grad, xt.grad, torch.float32, f"row {row} grad")
+
+
+def test_linear_cross_entropy_under_autocast_returns_float32_like_torch():
+    """Issue 24: torch's unfused head under autocast runs the linear in bf16 and the loss
+    (autocast's float32 list) in float32; the fused op returned bf16."""
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(6, 8, generator=g).to(DEVICE).requires_grad_()
+    w = torch.randn(11, 8, generator=g).to(DEVICE).requires_grad_()
+    t = torch.randint(0, 11, (6,), generator=g).to(DEVICE)
+    for reduction in ("mean", "none"):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            with expect_backend("linear_cross_entropy"):
+                got = ops.linear_cross_entropy(h, w, t, reduction=reduction)
+            want = F.cross_entropy(F.linear(h, w), t, reduction=reduction)
+        assert got.dtype == want.dtype == torch.float32
+        assert_close(got, want.double(), torch.bfloat16, f"autocast loss {reduction}")
+    got.sum().backward()
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32

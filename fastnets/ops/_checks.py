@@ -32,6 +32,19 @@ def optional_param(op: str, name: str, t, *, like: torch.Tensor, shape: tuple) -
     return t
 
 
+def norm_param(op: str, name: str, t, *, like: torch.Tensor, shape: tuple) -> torch.Tensor | None:
+    """optional_param for a norm's weight / bias / running statistics, with torch's dtype rule:
+    the input's dtype, or float32 beside a float16 / bfloat16 input (mixed precision). Any
+    other mix (a float64 weight on a float32 input) torch rejects, and so does fastnets rather
+    than casting it silently."""
+    t = optional_param(op, name, t, like=like, shape=shape)
+    if t is not None and t.dtype != like.dtype and not (
+            t.dtype == torch.float32 and like.dtype in (torch.float16, torch.bfloat16)):
+        raise TypeError(f"{op}: {name} is {t.dtype} but input is {like.dtype}: it must be the input's dtype (or "
+                        f"float32 beside float16 / bfloat16 input), as torch requires")
+    return t
+
+
 def number(op: str, name: str, v, *, min_value: float | None = None) -> float:
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{op}: {name} must be a real number, got {type(v).__name__}")

@@ -141,9 +141,9 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     _checks.tensor(op, "input", input, min_dim=2)
     C = input.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        _checks.optional_param(op, name, t, like=input, shape=(C,))
-    weight = _checks.optional_param(op, "weight", weight, like=input, shape=(C,))
-    bias = _checks.optional_param(op, "bias", bias, like=input, shape=(C,))
+        _checks.norm_param(op, name, t, like=input, shape=(C,))
+    weight = _checks.norm_param(op, "weight", weight, like=input, shape=(C,))
+    bias = _checks.norm_param(op, "bias", bias, like=input, shape=(C,))
     if not training and (running_mean is None or running_var is None):
         raise ValueError(f"{op}: running_mean and running_var are required when training=False")
     if training and C and input.numel() // C == 1:   # as torch: one value; an empty batch is fine

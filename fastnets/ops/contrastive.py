@@ -109,6 +109,8 @@ def zero_shot_logits(image_features: Tensor, classifier: Tensor, logit_scale=100
                          f"{image_features.device}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= classifier.shape[1]:
         raise ValueError(f"{op}: k must be an int in [1, {classifier.shape[1]}], got {k!r}")
+    # Under autocast the matmul runs (and returns) in the autocast dtype, as torch's does.
+    image_features, classifier = _checks.autocast(image_features, classifier)
     x = image_features if image_features.stride(-1) == 1 else image_features.contiguous()
     w = classifier.to(x.dtype)
     scale = _scalar(op, "logit_scale", logit_scale, x, positive=False)

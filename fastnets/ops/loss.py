@@ -262,7 +262,8 @@ def _chunk_logits(x: Tensor, weight: Tensor, bias) -> Tensor:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, target, class_weight, wsum, ignore_index, reduction, eps, z_loss, chunk):
+    def forward(ctx, x, weight, bias, target, class_weight, wsum, ignore_index, reduction, eps, z_loss, chunk,
+                out_dtype):
         N, _ = x.shape
         needs = ctx.needs_input_grad[:3]
         precompute = any(needs) and reduction != "none"
@@ -294,9 +295,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         else:
             ctx.save_for_backward(x, weight, bias, target, class_weight, wsum, lse)
         if reduction == "none":
-            return rows.to(x.dtype)
+            return rows.to(out_dtype)
         total = rows.sum()
-        return (total / denom if reduction == "mean" else total).to(x.dtype)
+        return (total / denom if reduction == "mean" else total).to(out_dtype)
 
     @staticmethod
     def backward(ctx, g):
@@ -306,7 +307,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             dx, dw, db = ctx.saved_tensors
             g = g.to(ctx.acc)
             return ((dx * g.to(dx.dtype)) if needs[0] else None, (dw * g).to(w_dtype) if needs[1] else None,
-                    (db * g).to(b_dtype) if needs[2] else None, None, None, None, None, None, None, None, None)
+                    (db * g).to(b_dtype) if needs[2] else None, None, None, None, None, None, None, None, None, None)
         x, weight, bias, target, class_weight, wsum, lse = ctx.saved_tensors
         N, chunk = x.shape[0], ctx.chunk
         dx, dw, db = _grad_buffers(x, weight, needs)
@@ -319,7 +320,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             del logits
             _backprop_chunk(dlogits, x[s:e], weight, dx[s:e] if dx is not None else None, dw, db)
         return (dx, dw.to(w_dtype) if dw is not None else None, db.to(b_dtype) if db is not None else None,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor] = None,
@@ -346,6 +347,10 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
         raise ValueError(f"{op}: weight is on {weight.device} but input is on {input.device}")
     V, H = weight.shape
     bias = _checks.optional_param(op, "bias", bias, like=input, shape=(V,))
+    # Under autocast torch's unfused head runs the linear in the autocast dtype and the
+    # cross-entropy (on autocast's float32 list) in float32: the loss is float32.
+    autocast_loss = input.dtype != torch.float64 and input.device.type in ("cuda", "cpu") and \
+        torch.is_autocast_enabled(input.device.type)
     input, weight, bias = _checks.autocast(input, weight, bias)
     if weight.dtype != input.dtype or (bias is not None and bias.dtype != input.dtype):
         raise TypeError(f"{op}: input, weight and bias must share a dtype, got {input.dtype}, {weight.dtype}"
@@ -362,10 +367,12 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, bias: Op
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
     if _dispatch.choose(op, input.device) == "torch":
-        return reference.linear_cross_entropy(input, weight, target, bias, ignore_index, reduction, eps, z_loss,
-                                              class_weight)
+        out = reference.linear_cross_entropy(input, weight, target, bias, ignore_index, reduction, eps, z_loss,
+                                             class_weight)
+        return out.float() if autocast_loss else out
     x = x if x.stride(-1) == 1 else x.contiguous()
     with torch.autocast(input.device.type, enabled=False):
         out = _LinearCrossEntropy.apply(x, weight, bias, flat_target, class_weight, wsum, int(ignore_index),
-                                        reduction, eps, z_loss, int(chunk_size))
+                                        reduction, eps, z_loss, int(chunk_size),
+                                        torch.float32 if autocast_loss else x.dtype)
     return out.view(input.shape[:-1]) if reduction == "none" else out

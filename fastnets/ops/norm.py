@@ -112,8 +112,8 @@ def layer_norm(input: Tensor, normalized_shape, weight: Optional[Tensor] = None,
     """
     _checks.tensor("layer_norm", "input", input)
     shape = _checks.normalized_shape("layer_norm", normalized_shape, input)
-    weight = _checks.optional_param("layer_norm", "weight", weight, like=input, shape=shape)
-    bias = _checks.optional_param("layer_norm", "bias", bias, like=input, shape=shape)
+    weight = _checks.norm_param("layer_norm", "weight", weight, like=input, shape=shape)
+    bias = _checks.norm_param("layer_norm", "bias", bias, like=input, shape=shape)
     eps = _checks.number("layer_norm", "eps", eps, min_value=0.0)
     # Empty input: nothing for a kernel to do; the reference returns the empty result.
     if _dispatch.choose("layer_norm", input.device, empty=input.numel() == 0) == "torch":
@@ -204,8 +204,8 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     C = input.shape[1]
     if C % num_groups:
         raise ValueError(f"group_norm: input has {C} channels, not divisible by num_groups={num_groups}")
-    weight = _checks.optional_param("group_norm", "weight", weight, like=input, shape=(C,))
-    bias = _checks.optional_param("group_norm", "bias", bias, like=input, shape=(C,))
+    weight = _checks.norm_param("group_norm", "weight", weight, like=input, shape=(C,))
+    bias = _checks.norm_param("group_norm", "bias", bias, like=input, shape=(C,))
     eps = _checks.number("group_norm", "eps", eps, min_value=0.0)
     if activation not in (None, "silu"):
         raise ValueError(f"group_norm: activation must be None or 'silu', got {activation!r}")
