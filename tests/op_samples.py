@@ -277,6 +277,37 @@ def _cross_entropy_errors(device):
             ErrorSample("rows", (x, torch.zeros(4, dtype=torch.long, device=device)), {}, ValueError, "target")]
 
 
+# --- recurrent: the op through its module, torch's module with the same weights ---------------------------
+
+def _recurrent(kind: str, **kw):
+    """(fn, torch_fn): fastnets' and torch's module of one kind with the same weights; torch_fn
+    takes float64 input through a float64 copy. Output: the sequence output and the states."""
+    import copy
+    from torch import nn as tnn
+    from fastnets import nn as fnn
+    torch.manual_seed(0)
+    ours = getattr(fnn, kind)(3, 4, batch_first=True, **kw)
+    theirs = getattr(tnn, kind)(3, 4, batch_first=True, **kw)
+    ours.load_state_dict(theirs.state_dict())
+    theirs64 = copy.deepcopy(theirs).double()
+
+    def flat(out):
+        seq, state = out
+        return (seq,) + (tuple(state) if isinstance(state, tuple) else (state,))
+
+    def fn(x):
+        return flat(ours.to(x.device)(x))
+
+    def torch_fn(x):
+        return flat((theirs64 if x.dtype == torch.float64 else theirs).to(x.device)(x))
+    return fn, torch_fn
+
+
+def _recurrent_samples(device):
+    return [Sample(name, (x,), grad=(0,)) for name, x in _layouts((2, 5, 3), device, empty_dims=(0,))
+            if x.shape[-1] == 3 and x.shape[1] > 0]
+
+
 OPS = [
     OpInfo("layer_norm", F.layer_norm, "layer_norm", _layer_norm_samples, _norm_errors),
     OpInfo("rms_norm", F.rms_norm, "rms_norm", _rms_norm_samples),
@@ -297,3 +328,7 @@ OPS = [
     OpInfo("cross_entropy", lambda x, t, **kw: F.cross_entropy(x, t.long(), **kw), "cross_entropy",
            _cross_entropy_samples, _cross_entropy_errors),
 ]
+for _name, _kind, _kw in (("lstm", "LSTM", dict(num_layers=2)), ("gru", "GRU", dict(bidirectional=True)),
+                          ("rnn_relu", "RNN", dict(nonlinearity="relu")), ("rnn_tanh", "RNN", {})):
+    _fn, _torch_fn = _recurrent(_kind, **_kw)
+    OPS.append(OpInfo(_name, _torch_fn, "rnn", _recurrent_samples, fn=_fn))

@@ -246,7 +246,8 @@ def _bn_pool_cases(case):
         mean, var = batchnorm.batch_stats(x)
         scale = meta(64, dtype=mean.dtype)
         y = batchnorm.bn_apply(x, scale, scale, act, 0.0)
-        batchnorm.bn_bwd(y, x, scale, scale, mean, var, True, act, 0.0)
+        for training in (True, False):   # eval: frozen-BN fine-tuning, saliency maps
+            batchnorm.bn_bwd(y, x, scale, scale, mean, var, training, act, 0.0)
     for dtype, (layout, f) in itertools.product(DTYPES, LAYOUTS):
         x = f(meta(32, 64, 56, 56, dtype=dtype))
         for kwargs, out in ((dict(is_max=True, adaptive=False, store_idx=True), (28, 28)),

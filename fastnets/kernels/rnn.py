@@ -277,7 +277,9 @@ def _rnn_step_bwd_kernel(
         if CELL == 2:
             d_a = dh * (1.0 - h * h)
         else:
-            d_a = tl.where(h > 0, dh, 0.0)
+            # torch's relu backward passes the gradient unless h <= 0: a NaN pre-activation
+            # lets it through (h > 0 would stop it)
+            d_a = tl.where(h <= 0, 0.0, dh)
         if HAS_LEN:
             d_a = tl.where(live, d_a, 0.0)
             ch = tl.where(live, ch, dh)
