@@ -203,7 +203,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     """``F.scaled_dot_product_attention`` on the flash kernels, same signature and semantics.
 
     query (N, ..., Hq, L, E), key (N, ..., Hk, S, E), value (N, ..., Hk, S, Ev); 3-D inputs
-    (N, L, E) are one head. fp16 / bf16 / fp32 (fp64 accepted; float32 accumulation, fp64
+    (N, L, E) are one head, 2-D (L, E) one sequence. Leading dims broadcast as in torch (a
+    key / value batch of 1, a 3-D key against a 4-D query): expanded views, no copies. An
+    empty batch, no queries or no keys launch nothing (torch's result: zeros without keys). fp16 / bf16 / fp32 (fp64 accepted; float32 accumulation, fp64
     for fp64). E and Ev up to 256, any value including 80 / 96.
     attn_mask: bool (True = take part in attention) or float (added to the scores),
     broadcastable to (N, ..., Hq, L, S); float masks that require grad get a gradient.

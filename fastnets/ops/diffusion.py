@@ -106,7 +106,9 @@ def sampler_step(sample: Tensor, model_output: Tensor, coefficients: Tensor, ste
     cond], as pipelines batch it), with 2C channels for a learned variance (its second half);
     coefficients: (steps, N_COEFS) float32 (float64 for float64 samples) on sample's device,
     one row per step (fastnets.diffusion's schedulers build them); step_index: 1-element
-    integer tensor on the device that picks the row (never read on the host); noise: like
+    integer tensor on the device that picks the row, as coefficients[step_index] would
+    (negative from the end; for a CUDA tensor never read on the host: a step outside the table
+    comes out NaN and nothing outside it is read; a CPU one outside raises IndexError); noise: like
     sample (drawn by the caller from its generator); history: float32 (float64) buffer like
     sample, read as the previous x0 and overwritten with this step's (DPM-Solver++);
     guidance_scale / guidance_rescale: classifier-free guidance (and its rescale) applied to
