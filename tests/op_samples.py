@@ -277,6 +277,56 @@ def _cross_entropy_errors(device):
             ErrorSample("rows", (x, torch.zeros(4, dtype=torch.long, device=device)), {}, ValueError, "target")]
 
 
+# --- rotary and diffusion: no torch function of their own; the counterpart is the formula in torch ops ---
+
+def _rotate_half_torch(x, cos, sin, interleaved=False, position_ids=None, seqlen_offset=0, layout="bhsd",
+                       tables="half"):
+    """transformers' q * cos + rotate_half(q) * sin, for full per-dim tables (B, S, D)."""
+    xb = x.transpose(1, 2) if layout == "bshd" else x
+    c, s_ = cos.to(xb.dtype)[:, None], sin.to(xb.dtype)[:, None]
+    x1, x2 = xb.chunk(2, -1)
+    y = xb * c + torch.cat((-x2, x1), -1) * s_
+    return y.transpose(1, 2) if layout == "bshd" else y
+
+
+def _rope_samples(device):
+    angles = torch.rand(2, 5, 4, generator=_gen(3), dtype=torch.float64).to(device) * 6
+    cos, sin = torch.cat((angles, angles), -1).cos().float(), torch.cat((angles, angles), -1).sin().float()
+    out = []
+    for name, x in _layouts((2, 3, 5, 8), device, empty_dims=(1,)):
+        if x.shape[0] == 2 and x.shape[2:] == (5, 8):
+            out.append(Sample(name, (x, cos, sin), {"tables": "full"}, grad=(0,)))
+    x = _randn((2, 5, 3, 8), device, 4)
+    out.append(Sample("bshd", (x, cos, sin), {"tables": "full", "layout": "bshd"}, grad=(0,)))
+    return out
+
+
+def _q_sample_torch(x0, noise, t, acp, target=None):
+    """diffusers' add_noise: sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, abar indexed as torch indexes."""
+    a = acp.to(x0.dtype)[t].view(-1, *([1] * (x0.dim() - 1)))
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def _q_sample_samples(device):
+    acp = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 50), 0).to(device)
+    out = []
+    for name, x in _layouts((3, 2, 4), device, empty_dims=(0,), nonfinite=True):
+        n = _randn(x.shape, device, 11)
+        t = torch.tensor([0, 49, -1, 7, 20][:x.shape[0]] + [5] * max(0, x.shape[0] - 5), dtype=torch.long,
+                         device=device)
+        out.append(Sample(name, (x, n, t, acp), grad=(0, 1)))
+    return out
+
+
+def _q_sample_errors(device):
+    x = _randn((3, 4), device)
+    acp = torch.linspace(0.99, 0.01, 10, device=device)
+    return [ErrorSample("timestep_past_the_table", (x, x, torch.tensor([0, 10, 2], device=device), acp), {},
+                        IndexError, "timesteps holds 10"),
+            ErrorSample("float_timesteps", (x, x, torch.tensor([0.5, 1.0, 2.0], device=device), acp), {},
+                        TypeError, "timesteps must be an integer tensor", torch_rejects=False)]
+
+
 # --- recurrent: the op through its module, torch's module with the same weights ---------------------------
 
 def _recurrent(kind: str, **kw):
@@ -328,6 +378,8 @@ OPS = [
     OpInfo("cross_entropy", lambda x, t, **kw: F.cross_entropy(x, t.long(), **kw), "cross_entropy",
            _cross_entropy_samples, _cross_entropy_errors),
 ]
+OPS += [OpInfo("apply_rotary_emb", _rotate_half_torch, "apply_rotary_emb", _rope_samples),
+        OpInfo("q_sample", _q_sample_torch, "q_sample", _q_sample_samples, _q_sample_errors)]
 for _name, _kind, _kw in (("lstm", "LSTM", dict(num_layers=2)), ("gru", "GRU", dict(bidirectional=True)),
                           ("rnn_relu", "RNN", dict(nonlinearity="relu")), ("rnn_tanh", "RNN", {})):
     _fn, _torch_fn = _recurrent(_kind, **_kw)

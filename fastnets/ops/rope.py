@@ -122,7 +122,7 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
                          f"{seqlen_offset + S - 1} are needed")
     if isinstance(seqlen_offset, bool) or not isinstance(seqlen_offset, int) or seqlen_offset < 0:
         raise ValueError(f"{op}: seqlen_offset must be a non-negative int, got {seqlen_offset!r}")
-    if _dispatch.choose(op, x.device) == "torch":
+    if _dispatch.choose(op, x.device, empty=x.numel() == 0) == "torch":   # empty: nothing to launch
         return reference.apply_rotary_emb(x, cos, sin, interleaved, position_ids, seqlen_offset, layout, tables)
     cos, sin = cos.detach().contiguous(), sin.detach().contiguous()
     if cos.dim() == 3 and cos.shape[0] == 1:
