@@ -277,6 +277,45 @@ def _cross_entropy_errors(device):
             ErrorSample("rows", (x, torch.zeros(4, dtype=torch.long, device=device)), {}, ValueError, "target")]
 
 
+def _conv_transpose2d_samples(device):
+    w, b = _randn((3, 4, 3, 3), device, 5), _randn((4,), device, 6)
+    out = []
+    for name, x in _layouts((2, 3, 5, 5), device, empty_dims=(0,), channels_last=True):
+        if x.shape[1] == 3:
+            out.append(Sample(name, (x, w, b, 2, 1, 1), grad=(0, 1, 2)))
+    return out
+
+
+def _linear_cross_entropy_torch(x, w, t, bias=None, **kw):
+    """torch's unfused LM head: the logits, then cross-entropy."""
+    return F.cross_entropy(F.linear(x, w, bias), t, **kw)
+
+
+def _linear_cross_entropy_samples(device):
+    x, w, b = _randn((6, 8), device, 1), _randn((11, 8), device, 2), _randn((11,), device, 3)
+    t = torch.tensor([0, 3, 10, 5, -100, 7], device=device)
+    return [Sample("plain", (x, w, t), grad=(0, 1)),
+            Sample("bias", (x, w, t, b), grad=(0, 1, 3)),
+            Sample("sum", (x, w, t), {"reduction": "sum"}, grad=(0, 1)),
+            Sample("label_smoothing", (x, w, t), {"label_smoothing": 0.1}, grad=(0, 1)),
+            Sample("step_sliced", (torch.cat([x, x], -1)[:, ::2], w, t), grad=(0, 1))]
+
+
+def _zero_shot_torch(x, c, scale):
+    """The zero-shot head in torch: scale * normalize(x) @ c, and its top-1."""
+    logits = scale * F.normalize(x, dim=-1) @ c
+    top = logits.topk(1, dim=-1)
+    return logits, top.values, top.indices
+
+
+def _zero_shot_samples(device):
+    x, c = _randn((4, 8), device, 1), _randn((8, 5), device, 2)
+    return [Sample("plain", (x, c, 10.0), grad=(0, 1)),
+            Sample("transposed_classifier", (x, c.t().contiguous().t(), 10.0), grad=(0, 1)),
+            Sample("step_sliced", (torch.cat([x, x], -1)[:, ::2], c, 10.0), grad=(0, 1)),
+            Sample("batch1", (x[:1].clone(), c, 10.0), grad=(0, 1))]
+
+
 # --- rotary and diffusion: no torch function of their own; the counterpart is the formula in torch ops ---
 
 def _rotate_half_torch(x, cos, sin, interleaved=False, position_ids=None, seqlen_offset=0, layout="bhsd",
@@ -378,7 +417,11 @@ OPS = [
     OpInfo("cross_entropy", lambda x, t, **kw: F.cross_entropy(x, t.long(), **kw), "cross_entropy",
            _cross_entropy_samples, _cross_entropy_errors),
 ]
-OPS += [OpInfo("apply_rotary_emb", _rotate_half_torch, "apply_rotary_emb", _rope_samples),
+OPS += [OpInfo("conv_transpose2d", F.conv_transpose2d, "conv_transpose2d", _conv_transpose2d_samples),
+        OpInfo("linear_cross_entropy", _linear_cross_entropy_torch, "linear_cross_entropy",
+               _linear_cross_entropy_samples),
+        OpInfo("zero_shot_logits", _zero_shot_torch, "zero_shot_logits", _zero_shot_samples),
+        OpInfo("apply_rotary_emb", _rotate_half_torch, "apply_rotary_emb", _rope_samples),
         OpInfo("q_sample", _q_sample_torch, "q_sample", _q_sample_samples, _q_sample_errors)]
 for _name, _kind, _kw in (("lstm", "LSTM", dict(num_layers=2)), ("gru", "GRU", dict(bidirectional=True)),
                           ("rnn_relu", "RNN", dict(nonlinearity="relu")), ("rnn_tanh", "RNN", {})):
